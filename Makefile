@@ -1,0 +1,45 @@
+# fastelbo: `make demo` and `make test` each work on a fresh machine with only Python: they create
+# .venv, install torch and the other dependencies, and build the extension; a second run skips
+# what is already done (stamp files in .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+DEPS := torch==$(TORCH_VERSION) pybind11 ninja setuptools wheel numpy pytest pytest-benchmark matplotlib scikit-learn tqdm
+DEPS_STAMP := $(VENV)/.fastelbo-deps
+BUILD_STAMP := $(VENV)/.fastelbo-build
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: install test demo validate bench clean
+
+install: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(DEPS)
+	touch $@
+
+# --no-build-isolation: build against the torch installed above, not a second one in a build env.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/fastelbo demo
+
+validate: install
+	$(VENV)/bin/fastelbo validate
+
+bench: install
+	$(VENV)/bin/fastelbo bench --quick
+
+clean:
+	rm -rf build *.egg-info fastelbo/*.so $(BUILD_STAMP)

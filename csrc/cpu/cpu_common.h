@@ -1,0 +1,89 @@
+// Work partition and deterministic reductions shared by the CPU kernels.
+//
+// Every (batch, per_sample) tensor is cut into tasks of at most kChunk consecutive elements that
+// never straddle two samples. The cut depends only on the shape, never on the thread count, and
+// each task's partial sum is computed in element order; the partials are then combined in task
+// order. Results are therefore bit-identical for any number of threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../fastelbo.h"
+
+namespace fastelbo {
+namespace cpu {
+
+// 16K elements: large enough to amortize a task's set-up, small enough to keep both cores busy
+// on a latent of a few samples. Multiple of 4 so tasks start on Philox group boundaries in rows
+// whose length is a multiple of 4.
+constexpr int64_t kChunk = 16384;
+// Below this many elements a single thread is faster than waking the pool (host overhead
+// dominates the small sizes that VAEs on MNIST-like data use).
+constexpr int64_t kMinElementsPerThread = 32768;
+
+class RowChunking {
+ public:
+  explicit RowChunking(const BatchLayout& layout)
+      : per_sample_(layout.per_sample),
+        chunks_per_row_(std::max<int64_t>(1, (layout.per_sample + kChunk - 1) / kChunk)),
+        num_tasks_(layout.numel == 0 ? 0 : layout.batch * chunks_per_row_) {}
+
+  int64_t num_tasks() const { return num_tasks_; }
+  int64_t chunks_per_row() const { return chunks_per_row_; }
+  int64_t row(int64_t task) const { return task / chunks_per_row_; }
+  // Global element range [begin, end) of a task.
+  int64_t begin(int64_t task) const {
+    return row(task) * per_sample_ + (task % chunks_per_row_) * kChunk;
+  }
+  int64_t end(int64_t task) const {
+    return row(task) * per_sample_ +
+           std::min(per_sample_, (task % chunks_per_row_ + 1) * kChunk);
+  }
+
+  // Runs body(task) for every task, in parallel when the tensor is large enough.
+  template <typename Body>
+  void for_each_task(Body&& body) const {
+    if (num_tasks_ == 0) return;
+    const int64_t elements_per_task = std::max<int64_t>(1, std::min(per_sample_, kChunk));
+    const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / elements_per_task);
+    at::parallel_for(0, num_tasks_, grain, [&](int64_t first, int64_t last) {
+      for (int64_t task = first; task < last; ++task) body(task);
+    });
+  }
+
+ private:
+  int64_t per_sample_;
+  int64_t chunks_per_row_;
+  int64_t num_tasks_;
+};
+
+// Computes one partial sum per task (task_sum(task) -> acc_t), then writes the reduced loss into
+// `out`: per-sample sums for reduction "none", else scale * total. Fixed combination order.
+template <typename acc_t, typename TaskSum>
+void reduce_rows_into(const RowChunking& chunking, const BatchLayout& layout, int64_t reduction,
+                      double scale, at::Tensor& out, TaskSum&& task_sum) {
+  std::vector<acc_t> partials(chunking.num_tasks());
+  chunking.for_each_task([&](int64_t task) { partials[task] = task_sum(task); });
+
+  acc_t* out_data = out.data_ptr<acc_t>();
+  acc_t total = 0;
+  for (int64_t b = 0; b < layout.batch; ++b) {
+    acc_t row_sum = 0;
+    if (chunking.num_tasks() > 0) {
+      for (int64_t c = 0; c < chunking.chunks_per_row(); ++c) {
+        row_sum += partials[b * chunking.chunks_per_row() + c];
+      }
+    }
+    if (reduction == kNone) out_data[b] = row_sum;
+    total += row_sum;
+  }
+  // Scale in double: total / B rounded once, not total * round(1 / B).
+  if (reduction != kNone) out_data[0] = static_cast<acc_t>(static_cast<double>(total) * scale);
+}
+
+}  // namespace cpu
+}  // namespace fastelbo

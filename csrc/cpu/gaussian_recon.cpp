@@ -1,0 +1,112 @@
+// CPU kernels of the squared-error reconstruction loss 1/2 ||x_hat - x||^2, forward and backward.
+//
+// Forward: one pass reads x_hat and x and reduces the loss; when asked (save_grad_unit), the same
+// pass also writes scale * (x_hat - x), the gradient for an incoming gradient of 1, so that the
+// backward of the usual `loss.backward()` needs no pass at all (DESIGN.md section 3, CPU note).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../elbo_math.h"
+#include "../fastelbo.h"
+#include "cpu_common.h"
+
+namespace fastelbo {
+namespace cpu {
+namespace {
+
+// Independent accumulators break the add dependency chain so the compiler can keep several
+// lanes in flight (and vectorize); their combination order is fixed, so the sum is deterministic.
+constexpr int kLanes = 8;
+
+template <typename scalar_t, typename acc_t>
+acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
+                      scalar_t* grad_unit, acc_t grad_scale) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t xh = static_cast<acc_t>(x_hat[i + l]), xv = static_cast<acc_t>(x[i + l]);
+      lanes[l] += math::recon_element(xh, xv);
+      if (grad_unit) grad_unit[i + l] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+    }
+  }
+  for (int l = 0; i < end; ++i, ++l) {
+    const acc_t xh = static_cast<acc_t>(x_hat[i]), xv = static_cast<acc_t>(x[i]);
+    lanes[l] += math::recon_element(xh, xv);
+    if (grad_unit) grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+  }
+  acc_t sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_hat,
+                                                           const at::Tensor& x, int64_t reduction,
+                                                           bool save_grad_unit) {
+  check_gaussian_recon_loss(x_hat, x, reduction);
+  at::Tensor loss = allocate_recon_loss(x_hat, reduction);
+  at::Tensor grad_unit = save_grad_unit ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+                                        : at::empty({0}, x_hat.options());
+  const BatchLayout layout = batch_layout(x_hat);
+  const double scale = reduction_scale(reduction, layout);
+  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
+  const RowChunking chunking(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xh = x_hat_c.const_data_ptr<scalar_t>();
+    const scalar_t* xv = x_c.const_data_ptr<scalar_t>();
+    scalar_t* gu = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
+    // An empty batch has no tasks: the reduction writes its identity, 0.
+    reduce_rows_into<acc_t>(chunking, layout, reduction, scale, loss, [&](int64_t task) {
+      return recon_range_sum<scalar_t, acc_t>(xh, xv, chunking.begin(task), chunking.end(task), gu,
+                                              static_cast<acc_t>(scale));
+    });
+  });
+  return {loss, grad_unit};
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+    bool need_grad_x_hat, bool need_grad_x) {
+  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  auto allocate_grad = [&](bool needed) {
+    return needed ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+                  : at::empty({0}, x_hat.options());
+  };
+  at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
+  const BatchLayout layout = batch_layout(x_hat);
+  if (layout.numel == 0 || !(need_grad_x_hat || need_grad_x)) return {grad_x_hat, grad_x};
+
+  const double scale = reduction_scale(reduction, layout);
+  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
+  const RowChunking chunking(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor grad_c = grad_loss.to(loss_dtype(x_hat.scalar_type())).contiguous();
+    const acc_t* g = grad_c.const_data_ptr<acc_t>();
+    const scalar_t* xh = x_hat_c.const_data_ptr<scalar_t>();
+    const scalar_t* xv = x_c.const_data_ptr<scalar_t>();
+    scalar_t* gxh = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+    chunking.for_each_task([&](int64_t task) {
+      const acc_t grad_rec = g[reduction == kNone ? chunking.row(task) : 0] * static_cast<acc_t>(scale);
+      for (int64_t i = chunking.begin(task), end = chunking.end(task); i < end; ++i) {
+        const acc_t grad = math::grad_x_hat_element(static_cast<acc_t>(xh[i]), static_cast<acc_t>(xv[i]), grad_rec);
+        if (gxh) gxh[i] = static_cast<scalar_t>(grad);
+        if (gx) gx[i] = static_cast<scalar_t>(-grad);
+      }
+    });
+  });
+  return {grad_x_hat, grad_x};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastelbo
+
+TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
+  m.impl("gaussian_recon_loss", &fastelbo::cpu::gaussian_recon_loss_cpu);
+  m.impl("gaussian_recon_loss_backward", &fastelbo::cpu::gaussian_recon_loss_backward_cpu);
+}

@@ -1,0 +1,244 @@
+// CPU kernels of the fused reparameterized sample + Gaussian KL, forward and backward.
+//
+// Forward: one pass reads mu and logvar, writes z and reduces the KL. Backward: one pass reads
+// grad_z, mu and logvar, regenerates eps from (seed, offset) and writes both gradients.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/SmallVector.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "../elbo_math.h"
+#include "../fastelbo.h"
+#include "cpu_common.h"
+
+namespace fastelbo {
+namespace cpu {
+namespace {
+
+// The normal of element i of one draw stream; caches the last Philox group, since consecutive
+// elements share it (one Philox call and two Box-Muller transforms per four elements).
+template <typename acc_t>
+class NormalStream {
+ public:
+  NormalStream(uint64_t seed, uint64_t stream) : seed_(seed), stream_(stream) {}
+  acc_t operator()(int64_t index) {
+    const uint64_t group = static_cast<uint64_t>(index) >> 2;
+    if (group != group_) {
+      group_ = group;
+      values_ = math::normal_group<acc_t>(seed_, stream_, group);
+    }
+    return values_.v[index & 3];
+  }
+
+ private:
+  uint64_t seed_;
+  uint64_t stream_;
+  uint64_t group_ = ~uint64_t{0};
+  math::Normal4<acc_t> values_{};
+};
+
+template <typename scalar_t>
+struct SampleArgs {
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  const scalar_t* eps;  // nullptr: draw from (seed, offset)
+  scalar_t* z;
+  int64_t numel;        // N: elements of mu, the stride between draws in z
+  int64_t num_samples;  // K
+  uint64_t seed;
+  uint64_t offset;
+};
+
+// Writes z for elements [begin, end) of every draw and hands each element's KL to kl_sink(i, kl).
+template <typename scalar_t, typename acc_t, typename KLSink>
+void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLSink&& kl_sink) {
+  for (int64_t k = 0; k < a.num_samples; ++k) {
+    NormalStream<acc_t> normal(a.seed, a.offset + static_cast<uint64_t>(k));
+    scalar_t* z = a.z + k * a.numel;
+    const scalar_t* eps = a.eps ? a.eps + k * a.numel : nullptr;
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t mu = static_cast<acc_t>(a.mu[i]);
+      const acc_t logvar = static_cast<acc_t>(a.logvar[i]);
+      const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
+      z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, math::posterior_std(logvar), e));
+      if (k == 0) kl_sink(i, math::kl_element(mu, logvar));
+    }
+  }
+}
+
+template <typename scalar_t>
+void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayout& layout,
+                              int64_t reduction, double free_bits, at::Tensor& kl,
+                              at::Tensor& kl_position_mean) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const double scale = reduction_scale(reduction, layout);
+  if (free_bits <= 0.0) {
+    const RowChunking chunking(layout);
+    reduce_rows_into<acc_t>(chunking, layout, reduction, scale, kl, [&](int64_t task) {
+      acc_t sum = 0;
+      sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
+                                    [&](int64_t, acc_t kl_i) { sum += kl_i; });
+      return sum;
+    });
+    return;
+  }
+
+  // Free bits: the floor applies to each position's batch-mean KL, so reduce over the batch per
+  // position (column sums, samples added in batch order) instead of over positions per sample.
+  const int64_t B = layout.batch, D = layout.per_sample;
+  acc_t* position_mean = kl_position_mean.data_ptr<acc_t>();
+  const int64_t num_column_chunks = (D + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, B * std::min(D, kChunk)));
+  at::parallel_for(0, num_column_chunks, grain, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t j0 = chunk * kChunk, j1 = std::min(D, j0 + kChunk);
+      std::vector<acc_t> column_sum(j1 - j0, acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row_start = b * D;
+        sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1,
+                                      [&](int64_t i, acc_t kl_i) { column_sum[i - row_start - j0] += kl_i; });
+      }
+      for (int64_t j = j0; j < j1; ++j) position_mean[j] = column_sum[j - j0] / static_cast<acc_t>(B);
+    }
+  });
+  // batchmean value: sum_j max(kbar_j, free_bits); other reductions scale it like the plain sum
+  // (sum = B * that, mean = B / numel * that).
+  acc_t floored = 0;
+  const acc_t floor_value = static_cast<acc_t>(free_bits);
+  for (int64_t j = 0; j < D; ++j) floored += std::max(position_mean[j], floor_value);
+  kl.data_ptr<acc_t>()[0] =
+      static_cast<acc_t>(static_cast<double>(floored) * static_cast<double>(B) * scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    std::optional<at::Generator> generator, int64_t num_samples, int64_t reduction,
+    double free_bits) {
+  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
+  ReparamKLOutputs out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits);
+  const BatchLayout layout = batch_layout(mu);
+
+  uint64_t seed = 0, offset = 0;
+  if (!eps.has_value() && layout.numel > 0) {
+    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+        generator, at::detail::getDefaultCPUGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    seed = gen->random64();
+    offset = gen->random64();
+  }
+  int64_t* rng = out.rng_state.data_ptr<int64_t>();
+  rng[0] = static_cast<int64_t>(seed);
+  rng[1] = static_cast<int64_t>(offset);
+
+  if (layout.numel == 0) {  // empty batch: the reduction's identity, nothing to launch
+    out.kl.zero_();
+    out.kl_position_mean.zero_();
+    return {out.z, out.kl, out.rng_state, out.kl_position_mean};
+  }
+
+  const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
+  const at::Tensor eps_c = eps.has_value() ? eps->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_cpu", [&] {
+    SampleArgs<scalar_t> args{mu_c.const_data_ptr<scalar_t>(),
+                              logvar_c.const_data_ptr<scalar_t>(),
+                              eps_c.defined() ? eps_c.const_data_ptr<scalar_t>() : nullptr,
+                              out.z.data_ptr<scalar_t>(),
+                              layout.numel,
+                              num_samples,
+                              seed,
+                              offset};
+    reparameterize_kl_kernel<scalar_t>(args, layout, reduction, free_bits, out.kl, out.kl_position_mean);
+  });
+  return {out.z, out.kl, out.rng_state, out.kl_position_mean};
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad_kl,
+                                       bool grad_kl_per_sample, const scalar_t* mu,
+                                       const scalar_t* logvar, const scalar_t* eps,
+                                       uint64_t seed, uint64_t offset,
+                                       const acc_t* position_mean, acc_t free_bits,
+                                       const BatchLayout& layout, int64_t num_samples,
+                                       double scale, scalar_t* grad_mu, scalar_t* grad_logvar) {
+  const RowChunking chunking(layout);
+  const int64_t N = layout.numel, D = layout.per_sample;
+  chunking.for_each_task([&](int64_t task) {
+    const int64_t b = chunking.row(task);
+    const acc_t grad_kl_row =
+        grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
+    c10::SmallVector<NormalStream<acc_t>, 4> normals;
+    if (grad_z && !eps) {
+      for (int64_t k = 0; k < num_samples; ++k) normals.emplace_back(seed, offset + static_cast<uint64_t>(k));
+    }
+    for (int64_t i = chunking.begin(task), end = chunking.end(task); i < end; ++i) {
+      acc_t grad_kl_i = grad_kl_row;
+      // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
+      if (position_mean && position_mean[i - b * D] < free_bits) grad_kl_i = 0;
+      acc_t grad_z_sum = 0, grad_z_eps_sum = 0;
+      if (grad_z) {
+        for (int64_t k = 0; k < num_samples; ++k) {
+          const acc_t g = static_cast<acc_t>(grad_z[k * N + i]);
+          const acc_t e = eps ? static_cast<acc_t>(eps[k * N + i]) : normals[k](i);
+          grad_z_sum += g;
+          grad_z_eps_sum += g * e;
+        }
+      }
+      const acc_t m = static_cast<acc_t>(mu[i]), lv = static_cast<acc_t>(logvar[i]);
+      grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(m, grad_z_sum, grad_kl_i));
+      grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv, grad_z_eps_sum, grad_kl_i));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(
+    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    const at::Tensor& rng_state, const at::Tensor& kl_position_mean, int64_t num_samples,
+    int64_t reduction, double free_bits) {
+  check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+                                   num_samples, reduction, free_bits);
+  at::Tensor grad_mu = at::empty_like(mu, at::MemoryFormat::Contiguous);
+  at::Tensor grad_logvar = at::empty_like(logvar, at::MemoryFormat::Contiguous);
+  const BatchLayout layout = batch_layout(mu);
+  if (layout.numel == 0) return {grad_mu, grad_logvar};
+
+  const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
+  const at::Tensor eps_c = eps.has_value() ? eps->contiguous() : at::Tensor();
+  const at::Tensor grad_z_c = grad_z.has_value() ? grad_z->contiguous() : at::Tensor();
+  const auto acc_dtype = loss_dtype(mu.scalar_type());
+  const at::Tensor grad_kl_c =
+      grad_kl.has_value() ? grad_kl->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor position_mean_c =
+      free_bits > 0.0 ? kl_position_mean.to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor rng_c = rng_state.to(at::kCPU);
+  const uint64_t seed = static_cast<uint64_t>(rng_c.const_data_ptr<int64_t>()[0]);
+  const uint64_t offset = static_cast<uint64_t>(rng_c.const_data_ptr<int64_t>()[1]);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    reparameterize_kl_backward_kernel<scalar_t, acc_t>(
+        grad_z_c.defined() ? grad_z_c.const_data_ptr<scalar_t>() : nullptr,
+        grad_kl_c.defined() ? grad_kl_c.const_data_ptr<acc_t>() : nullptr,
+        reduction == kNone, mu_c.const_data_ptr<scalar_t>(), logvar_c.const_data_ptr<scalar_t>(),
+        eps_c.defined() ? eps_c.const_data_ptr<scalar_t>() : nullptr, seed, offset,
+        position_mean_c.defined() ? position_mean_c.const_data_ptr<acc_t>() : nullptr,
+        static_cast<acc_t>(free_bits), layout, num_samples, reduction_scale(reduction, layout),
+        grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>());
+  });
+  return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastelbo
+
+TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
+  m.impl("reparameterize_kl", &fastelbo::cpu::reparameterize_kl_cpu);
+  m.impl("reparameterize_kl_backward", &fastelbo::cpu::reparameterize_kl_backward_cpu);
+}

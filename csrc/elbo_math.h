@@ -1,0 +1,161 @@
+// The per-element math of fastelbo, written once and used by the CPU and the CUDA kernels.
+//
+// Everything here is a pure inline function over scalars, so that both backends compute exactly
+// the same formulas: the counter-based normal generator (Philox4x32-10 + Box-Muller), the
+// reparameterized sample, the Gaussian KL, the squared-error reconstruction and their gradients.
+// See shared/DESIGN.md sections 1 and 5 for the math and the RNG design.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTELBO_HD __host__ __device__ __forceinline__
+#else
+#define FASTELBO_HD inline
+#endif
+
+namespace fastelbo {
+
+// Reduction codes shared by the Python front door, the op schemas and the kernels.
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2, kBatchMean = 3 };
+
+namespace math {
+
+// ---------------------------------------------------------------------------------------------
+// Overloads that pick the float or double libm function, on host and device alike.
+FASTELBO_HD float exp_(float x) { return ::expf(x); }
+FASTELBO_HD double exp_(double x) { return ::exp(x); }
+FASTELBO_HD float expm1_(float x) { return ::expm1f(x); }
+FASTELBO_HD double expm1_(double x) { return ::expm1(x); }
+FASTELBO_HD float log_(float x) { return ::logf(x); }
+FASTELBO_HD double log_(double x) { return ::log(x); }
+FASTELBO_HD float sqrt_(float x) { return ::sqrtf(x); }
+FASTELBO_HD double sqrt_(double x) { return ::sqrt(x); }
+FASTELBO_HD float sin_(float x) { return ::sinf(x); }
+FASTELBO_HD double sin_(double x) { return ::sin(x); }
+FASTELBO_HD float cos_(float x) { return ::cosf(x); }
+FASTELBO_HD double cos_(double x) { return ::cos(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
+struct Philox4 {
+  uint32_t v[4];
+};
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+FASTELBO_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * ctr.v[0];
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * ctr.v[2];
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    ctr = Philox4{{hi1 ^ ctr.v[1] ^ key0, lo1, hi0 ^ ctr.v[3] ^ key1, lo0}};
+    key0 += kPhiloxW0;
+    key1 += kPhiloxW1;
+  }
+  return ctr;
+}
+
+// Counter layout: element i of draw k of one call uses counter group g = i / 4 and lane i % 4:
+//   counter = (lo(g), hi(g), lo(offset + k), hi(offset + k) ^ kStreamTag), key = (lo(seed), hi(seed)).
+// The normal therefore depends only on (seed, offset, k, i), never on threads, grid or block size.
+// kStreamTag keeps our counters disjoint from curand-style counters that share the generator
+// (PyTorch's kernels put a thread index < 2^32 in the high words, so their word 3 is zero).
+constexpr uint32_t kStreamTag = 0xE1B05EEDu;
+
+FASTELBO_HD Philox4 philox_group_bits(uint64_t seed, uint64_t stream, uint64_t group) {
+  const Philox4 ctr{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                     static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32) ^ kStreamTag}};
+  return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+template <typename acc_t>
+struct Normal4 {
+  acc_t v[4];
+};
+
+// Maps a 32-bit integer to the open interval (0, 1): never 0, so log() stays finite.
+template <typename acc_t>
+FASTELBO_HD acc_t uniform_open01(uint32_t bits) {
+  return static_cast<acc_t>(bits) * static_cast<acc_t>(2.3283064365386963e-10) +  // 2^-32
+         static_cast<acc_t>(1.1641532182693481e-10);                               // 2^-33
+}
+
+// Box-Muller: two uniforms give two independent standard normals; four bits give four normals.
+template <typename acc_t>
+FASTELBO_HD Normal4<acc_t> box_muller4(Philox4 bits) {
+  constexpr acc_t kTwoPi = static_cast<acc_t>(6.283185307179586);
+  Normal4<acc_t> out;
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    const acc_t radius = sqrt_(static_cast<acc_t>(-2) * log_(uniform_open01<acc_t>(bits.v[2 * pair])));
+    const acc_t angle = kTwoPi * uniform_open01<acc_t>(bits.v[2 * pair + 1]);
+    out.v[2 * pair] = radius * cos_(angle);
+    out.v[2 * pair + 1] = radius * sin_(angle);
+  }
+  return out;
+}
+
+// The four standard normals of counter group `group` in draw stream `stream` (= offset + k).
+template <typename acc_t>
+FASTELBO_HD Normal4<acc_t> normal_group(uint64_t seed, uint64_t stream, uint64_t group) {
+  return box_muller4<acc_t>(philox_group_bits(seed, stream, group));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reparameterized sample and Gaussian KL against N(0, I).
+
+// std = exp(logvar / 2).
+template <typename acc_t>
+FASTELBO_HD acc_t posterior_std(acc_t logvar) {
+  return exp_(static_cast<acc_t>(0.5) * logvar);
+}
+
+template <typename acc_t>
+FASTELBO_HD acc_t reparameterized_sample(acc_t mu, acc_t std, acc_t eps) {
+  return mu + std * eps;
+}
+
+// kl = 1/2 (mu^2 + exp(logvar) - 1 - logvar). expm1 keeps exp(logvar) - 1 - logvar accurate near
+// logvar = 0 (the posterior collapsed onto the prior), where exp(logvar) - 1 cancels.
+template <typename acc_t>
+FASTELBO_HD acc_t kl_element(acc_t mu, acc_t logvar) {
+  return static_cast<acc_t>(0.5) * (mu * mu + expm1_(logvar) - logvar);
+}
+
+// Gradients of one latent element. grad_z_sum = sum_k g_z[k]; grad_z_eps_sum = sum_k g_z[k] * eps[k]
+// (the backward regenerates eps from the saved RNG state instead of using (z - mu) / std, which
+// cancels catastrophically in half precision when |mu| >> std); grad_kl is the per-element KL
+// gradient (incoming gradient times the reduction's scale and the free-bits mask).
+template <typename acc_t>
+FASTELBO_HD acc_t grad_mu_element(acc_t mu, acc_t grad_z_sum, acc_t grad_kl) {
+  return grad_z_sum + grad_kl * mu;
+}
+
+template <typename acc_t>
+FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t grad_z_eps_sum, acc_t grad_kl) {
+  return static_cast<acc_t>(0.5) *
+         (posterior_std(logvar) * grad_z_eps_sum + grad_kl * expm1_(logvar));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unit-variance Gaussian decoder: rec = 1/2 (x_hat - x)^2, d rec / d x_hat = x_hat - x.
+template <typename acc_t>
+FASTELBO_HD acc_t recon_element(acc_t x_hat, acc_t x) {
+  const acc_t diff = x_hat - x;
+  return static_cast<acc_t>(0.5) * diff * diff;
+}
+
+template <typename acc_t>
+FASTELBO_HD acc_t grad_x_hat_element(acc_t x_hat, acc_t x, acc_t grad_rec) {
+  return grad_rec * (x_hat - x);
+}
+
+}  // namespace math
+}  // namespace fastelbo

@@ -1,0 +1,64 @@
+// Host-side contract shared by every backend (CPU, CUDA, Meta): argument checks, output shapes
+// and dtypes, and the reduction scale. Validating and allocating in one place keeps the backends
+// from drifting apart and makes every bad input fail before any kernel runs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "elbo_math.h"
+
+namespace fastelbo {
+
+// Size of a latent tensor viewed as (batch, per_sample): dim 0 is the batch, every other dim is
+// summed within a sample.
+struct BatchLayout {
+  int64_t batch = 0;       // B
+  int64_t per_sample = 0;  // D (product of the non-batch dims)
+  int64_t numel = 0;       // N = B * D
+};
+BatchLayout batch_layout(const at::Tensor& t);
+
+// Losses come back in float32 for half/bfloat16 inputs (as autocast does for mse_loss) and in the
+// input dtype otherwise.
+at::ScalarType loss_dtype(at::ScalarType input_dtype);
+
+// The factor that turns the sum over all elements into the requested reduction:
+// sum -> 1, mean -> 1 / numel, batchmean -> 1 / batch, none -> 1 (per-sample sums).
+double reduction_scale(int64_t reduction, const BatchLayout& layout);
+
+// ---- reparameterize_kl ----------------------------------------------------------------------
+void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                             const std::optional<at::Tensor>& eps, int64_t num_samples,
+                             int64_t reduction, double free_bits);
+
+struct ReparamKLOutputs {
+  at::Tensor z;                 // (K, *mu.shape) for K > 1, else mu.shape; mu's dtype
+  at::Tensor kl;                // (B,) for "none", else a scalar; loss_dtype
+  at::Tensor rng_state;         // (2,) int64 = (seed, offset) on mu's device; zeros when eps is given
+  at::Tensor kl_position_mean;  // (D,) batch-mean KL per position when free_bits > 0, else (0,)
+};
+// Allocates the outputs on mu's device (or meta) with the documented shapes and dtypes.
+ReparamKLOutputs allocate_reparameterize_kl(const at::Tensor& mu, int64_t num_samples,
+                                            int64_t reduction, double free_bits);
+
+void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
+                                      const std::optional<at::Tensor>& grad_kl,
+                                      const at::Tensor& mu, const at::Tensor& logvar,
+                                      const std::optional<at::Tensor>& eps,
+                                      const at::Tensor& rng_state,
+                                      const at::Tensor& kl_position_mean, int64_t num_samples,
+                                      int64_t reduction, double free_bits);
+
+// ---- gaussian_recon_loss --------------------------------------------------------------------
+void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction);
+
+// (B,) for "none", else a scalar, in loss_dtype.
+at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction);
+
+void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
+                                        const at::Tensor& x, int64_t reduction);
+
+}  // namespace fastelbo

@@ -1,0 +1,309 @@
+// Op schemas, the argument checks and output shapes every backend shares, the Meta (fake)
+// kernels that torch.compile and opcheck trace through, and the Python module's init.
+//
+// Backends register their kernels for the same schemas in csrc/cpu/ and csrc/cuda/; the
+// dispatcher, not Python, picks the one for the inputs' device.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "elbo_math.h"
+#include "fastelbo.h"
+
+namespace fastelbo {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+const char* reduction_name(int64_t reduction) {
+  switch (reduction) {
+    case kNone: return "none";
+    case kSum: return "sum";
+    case kMean: return "mean";
+    case kBatchMean: return "batchmean";
+    default: return "?";
+  }
+}
+
+void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, op,
+                    ": unknown reduction code ", reduction,
+                    " (expected 0=none, 1=sum, 2=mean, 3=batchmean)");
+}
+
+void check_float_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
+                   " must be a float32, float64, float16 or bfloat16 tensor, got ",
+                   t.scalar_type());
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " and ", ref_name,
+                   " must have the same dtype, got ", name, " ", t.scalar_type(), " and ",
+                   ref_name, " ", ref.scalar_type());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " and ", ref_name,
+              " must be on the same device, got ", name, " on ", t.device(), " and ", ref_name,
+              " on ", ref.device());
+}
+
+void check_same_shape(const char* op, const char* name, at::IntArrayRef shape,
+                      const char* ref_name, at::IntArrayRef ref_shape) {
+  TORCH_CHECK_VALUE(shape == ref_shape, op, ": ", name, " and ", ref_name,
+                    " must have the same shape, got ", name, " ", shape, " and ", ref_name, " ",
+                    ref_shape);
+}
+
+std::vector<int64_t> sample_shape(const at::Tensor& mu, int64_t num_samples) {
+  std::vector<int64_t> shape;
+  if (num_samples > 1) shape.push_back(num_samples);
+  for (auto s : mu.sizes()) shape.push_back(s);
+  return shape;
+}
+
+}  // namespace
+
+BatchLayout batch_layout(const at::Tensor& t) {
+  BatchLayout layout;
+  layout.batch = t.size(0);
+  layout.numel = t.numel();
+  int64_t per_sample = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) per_sample *= t.size(d);
+  layout.per_sample = per_sample;
+  return layout;
+}
+
+at::ScalarType loss_dtype(at::ScalarType input_dtype) {
+  return (input_dtype == at::kHalf || input_dtype == at::kBFloat16) ? at::kFloat : input_dtype;
+}
+
+double reduction_scale(int64_t reduction, const BatchLayout& layout) {
+  switch (reduction) {
+    case kMean: return layout.numel > 0 ? 1.0 / static_cast<double>(layout.numel) : 0.0;
+    case kBatchMean: return layout.batch > 0 ? 1.0 / static_cast<double>(layout.batch) : 0.0;
+    default: return 1.0;
+  }
+}
+
+// ---- reparameterize_kl ----------------------------------------------------------------------
+
+void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                             const std::optional<at::Tensor>& eps, int64_t num_samples,
+                             int64_t reduction, double free_bits) {
+  constexpr const char* op = "reparameterize_kl";
+  check_float_tensor(op, "mu", mu);
+  check_same_dtype(op, "logvar", logvar, "mu", mu);
+  TORCH_CHECK_VALUE(mu.dim() >= 1, op,
+                    ": mu must have a batch dimension (dim 0), got a 0-dim tensor");
+  check_same_shape(op, "logvar", logvar.sizes(), "mu", mu.sizes());
+  check_same_device(op, "logvar", logvar, "mu", mu);
+  check_reduction(op, reduction);
+  TORCH_CHECK_VALUE(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
+  TORCH_CHECK_VALUE(free_bits >= 0.0 && std::isfinite(free_bits), op,
+                    ": free_bits must be a finite number >= 0, got ", free_bits);
+  TORCH_CHECK_VALUE(!(free_bits > 0.0 && reduction == kNone), op,
+                    ": free_bits > 0 is defined for reduction 'sum', 'mean' and 'batchmean', not "
+                    "'none' (the floor applies to the batch-mean KL of each latent position)");
+  if (eps.has_value()) {
+    const at::Tensor& e = *eps;
+    check_same_dtype(op, "eps", e, "mu", mu);
+    check_same_device(op, "eps", e, "mu", mu);
+    const auto z_shape = sample_shape(mu, num_samples);
+    TORCH_CHECK_VALUE(e.sizes() == at::IntArrayRef(z_shape), op,
+                      ": eps must have the shape of z, ", at::IntArrayRef(z_shape),
+                      " (num_samples=", num_samples, ", mu ", mu.sizes(), "), got eps ",
+                      e.sizes());
+  }
+}
+
+ReparamKLOutputs allocate_reparameterize_kl(const at::Tensor& mu, int64_t num_samples,
+                                            int64_t reduction, double free_bits) {
+  const BatchLayout layout = batch_layout(mu);
+  const auto acc_options = mu.options().dtype(loss_dtype(mu.scalar_type()));
+  ReparamKLOutputs out;
+  out.z = at::empty(sample_shape(mu, num_samples), mu.options());
+  out.kl = reduction == kNone ? at::empty({layout.batch}, acc_options) : at::empty({}, acc_options);
+  out.rng_state = at::empty({2}, mu.options().dtype(at::kLong));
+  out.kl_position_mean =
+      at::empty({free_bits > 0.0 ? layout.per_sample : 0}, acc_options);
+  return out;
+}
+
+void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
+                                      const std::optional<at::Tensor>& grad_kl,
+                                      const at::Tensor& mu, const at::Tensor& logvar,
+                                      const std::optional<at::Tensor>& eps,
+                                      const at::Tensor& rng_state,
+                                      const at::Tensor& kl_position_mean, int64_t num_samples,
+                                      int64_t reduction, double free_bits) {
+  constexpr const char* op = "reparameterize_kl_backward";
+  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
+  const BatchLayout layout = batch_layout(mu);
+  if (grad_z.has_value()) {
+    check_same_dtype(op, "grad_z", *grad_z, "mu", mu);
+    check_same_device(op, "grad_z", *grad_z, "mu", mu);
+    const auto z_shape = sample_shape(mu, num_samples);
+    check_same_shape(op, "grad_z", grad_z->sizes(), "z", z_shape);
+  }
+  if (grad_kl.has_value()) {
+    check_same_device(op, "grad_kl", *grad_kl, "mu", mu);
+    check_float_tensor(op, "grad_kl", *grad_kl);
+    if (reduction == kNone) {
+      check_same_shape(op, "grad_kl", grad_kl->sizes(), "kl", {layout.batch});
+    } else {
+      TORCH_CHECK_VALUE(grad_kl->numel() == 1, op,
+                        ": grad_kl of a reduced KL must have one element, got shape ",
+                        grad_kl->sizes());
+    }
+  }
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2, op,
+                   ": rng_state must be the (2,) int64 tensor returned by reparameterize_kl");
+  check_same_device(op, "rng_state", rng_state, "mu", mu);
+  if (free_bits > 0.0) {
+    TORCH_CHECK_VALUE(kl_position_mean.numel() == layout.per_sample, op,
+                      ": kl_position_mean must have ", layout.per_sample,
+                      " elements (one per latent position), got ", kl_position_mean.numel());
+    check_same_device(op, "kl_position_mean", kl_position_mean, "mu", mu);
+  }
+}
+
+// ---- gaussian_recon_loss --------------------------------------------------------------------
+
+void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
+  constexpr const char* op = "gaussian_recon_loss";
+  check_float_tensor(op, "x_hat", x_hat);
+  check_same_dtype(op, "x", x, "x_hat", x_hat);
+  TORCH_CHECK_VALUE(x_hat.dim() >= 1, op,
+                    ": x_hat must have a batch dimension (dim 0), got a 0-dim tensor");
+  check_same_shape(op, "x", x.sizes(), "x_hat", x_hat.sizes());
+  check_same_device(op, "x", x, "x_hat", x_hat);
+  check_reduction(op, reduction);
+}
+
+at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction) {
+  const auto options = x_hat.options().dtype(loss_dtype(x_hat.scalar_type()));
+  return reduction == kNone ? at::empty({x_hat.size(0)}, options) : at::empty({}, options);
+}
+
+void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
+                                        const at::Tensor& x, int64_t reduction) {
+  constexpr const char* op = "gaussian_recon_loss_backward";
+  check_gaussian_recon_loss(x_hat, x, reduction);
+  check_float_tensor(op, "grad_loss", grad_loss);
+  check_same_device(op, "grad_loss", grad_loss, "x_hat", x_hat);
+  if (reduction == kNone) {
+    check_same_shape(op, "grad_loss", grad_loss.sizes(), "loss", {x_hat.size(0)});
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, op,
+                      ": grad_loss of a reduced loss must have one element, got shape ",
+                      grad_loss.sizes(), " (reduction '", reduction_name(reduction), "')");
+  }
+}
+
+// ---- Meta kernels: shapes and dtypes only, for torch.compile, FakeTensor and opcheck ---------
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_meta(
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    std::optional<at::Generator> /*generator*/, int64_t num_samples, int64_t reduction,
+    double free_bits) {
+  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
+  auto out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits);
+  return {out.z, out.kl, out.rng_state, out.kl_position_mean};
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_meta(
+    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    const at::Tensor& rng_state, const at::Tensor& kl_position_mean, int64_t num_samples,
+    int64_t reduction, double free_bits) {
+  check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+                                   num_samples, reduction, free_bits);
+  return {at::empty_like(mu, at::MemoryFormat::Contiguous),
+          at::empty_like(logvar, at::MemoryFormat::Contiguous)};
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_meta(const at::Tensor& x_hat,
+                                                            const at::Tensor& x,
+                                                            int64_t reduction,
+                                                            bool save_grad_unit) {
+  check_gaussian_recon_loss(x_hat, x, reduction);
+  at::Tensor grad_unit = save_grad_unit ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+                                        : at::empty({0}, x_hat.options());
+  return {allocate_recon_loss(x_hat, reduction), grad_unit};
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_meta(
+    const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+    bool need_grad_x_hat, bool need_grad_x) {
+  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  auto grad_for = [&](bool needed) {
+    return needed ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+                  : at::empty({0}, x_hat.options());
+  };
+  return {grad_for(need_grad_x_hat), grad_for(need_grad_x)};
+}
+
+}  // namespace
+
+}  // namespace fastelbo
+
+// The schemas. The sampling op takes the generator itself and is tagged nondeterministic_seeded,
+// so the compiler never merges or reorders two draws and a captured CUDA graph draws anew on every
+// replay; it returns the (seed, offset) it used as rng_state, which the backward takes as an
+// ordinary input to regenerate the same eps (DESIGN.md section 5).
+TORCH_LIBRARY(fastelbo, m) {
+  m.def(
+      "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? eps, Generator? generator, "
+      "int num_samples, int reduction, float free_bits) "
+      "-> (Tensor z, Tensor kl, Tensor rng_state, Tensor kl_position_mean)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, "
+      "Tensor? eps, Tensor rng_state, Tensor kl_position_mean, int num_samples, int reduction, "
+      "float free_bits) -> (Tensor grad_mu, Tensor grad_logvar)");
+  m.def(
+      "gaussian_recon_loss(Tensor x_hat, Tensor x, int reduction, bool save_grad_unit) "
+      "-> (Tensor loss, Tensor grad_unit)");
+  m.def(
+      "gaussian_recon_loss_backward(Tensor grad_loss, Tensor x_hat, Tensor x, int reduction, "
+      "bool need_grad_x_hat, bool need_grad_x) -> (Tensor grad_x_hat, Tensor grad_x)");
+}
+
+TORCH_LIBRARY_IMPL(fastelbo, Meta, m) {
+  m.impl("reparameterize_kl", &fastelbo::reparameterize_kl_meta);
+  m.impl("reparameterize_kl_backward", &fastelbo::reparameterize_kl_backward_meta);
+  m.impl("gaussian_recon_loss", &fastelbo::gaussian_recon_loss_meta);
+  m.impl("gaussian_recon_loss_backward", &fastelbo::gaussian_recon_loss_backward_meta);
+}
+
+// Small helpers for tests and diagnostics; the ops themselves go through the dispatcher.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastelbo's compiled ops (registered under torch.ops.fastelbo) and diagnostics";
+  m.def(
+      "philox4x32_10",
+      [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
+        TORCH_CHECK_VALUE(counter.size() == 4 && key.size() == 2,
+                          "philox4x32_10 takes 4 counter words and 2 key words");
+        const auto out = fastelbo::math::philox4x32_10(
+            fastelbo::math::Philox4{{counter[0], counter[1], counter[2], counter[3]}}, key[0],
+            key[1]);
+        return std::vector<uint32_t>{out.v[0], out.v[1], out.v[2], out.v[3]};
+      },
+      "Philox4x32-10 of one counter block (for known-answer tests).");
+#ifdef FASTELBO_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

@@ -1,0 +1,19 @@
+"""fastelbo: the fastest correct Gaussian VAE loss for PyTorch.
+
+Fused C++/CUDA kernels for the reparameterized sample, the Gaussian KL and the squared-error
+reconstruction, with their backward passes, behind a drop-in functional API:
+
+    z, kl = fastelbo.reparameterize_kl(mu, logvar)          # z = mu + exp(logvar / 2) * eps
+    rec = fastelbo.gaussian_recon_loss(decoder(z), x)
+    loss = rec + beta * kl                                   # the (beta-)VAE negative ELBO
+
+`fastelbo.reference` holds the same two functions in plain PyTorch (the validation oracle) and
+`fastelbo.ops` the torch.autograd.Function classes behind them.
+"""
+from ._extension import _C  # noqa: F401  (loads the kernels: registers torch.ops.fastelbo)
+from . import ops, reference
+from .functional import gaussian_recon_loss, reparameterize_kl
+
+__version__ = "0.1.0"
+
+__all__ = ["reparameterize_kl", "gaussian_recon_loss", "ops", "reference", "__version__"]

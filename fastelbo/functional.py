@@ -1,0 +1,97 @@
+"""The public functional API (re-exported as fastelbo.reparameterize_kl / gaussian_recon_loss).
+
+Reductions (both functions; dim 0 is the batch, every other dim is summed within a sample):
+  "none"      -> per-sample losses, shape (B,)
+  "sum"       -> the sum over everything
+  "batchmean" -> sum / B (default): the ELBO convention, so `rec + beta * kl` is the beta-VAE
+                 objective with no hidden rescaling
+  "mean"      -> sum / numel (torch.nn.functional.mse_loss's convention)
+An empty batch gives the reduction's identity (0, or an empty (0,) vector for "none").
+
+Dtypes: float32, float64, float16, bfloat16, computed in float32 (float64 for float64). z and
+gradients come back in the input dtype; losses in float32 for float16/bfloat16 inputs, else in the
+input dtype.
+"""
+import numbers
+
+import torch
+
+from .ops import REDUCTIONS, GaussianReconLoss, ReparameterizeKL
+
+
+def _reduction_code(reduction, function):
+    code = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if code is None:
+        raise ValueError(
+            f"{function}: reduction must be one of 'none', 'sum', 'mean', 'batchmean', got {reduction!r}"
+        )
+    return code
+
+
+def _check_tensor(value, name, function):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_samples=1,
+                      generator=None, eps=None):
+    """Reparameterized sample and Gaussian KL of q(z|x) = N(mu, diag(exp(logvar))) against N(0, I).
+
+    Returns (z, kl):
+      z  = mu + exp(logvar / 2) * eps, eps ~ N(0, 1) drawn inside the kernel (never stored: the
+           backward regenerates it). Shape mu.shape, or (num_samples, *mu.shape) for num_samples > 1
+           (independent draws; kl does not depend on them).
+      kl = 1/2 sum(mu^2 + exp(logvar) - 1 - logvar), reduced as `reduction` says.
+
+    Args:
+      mu, logvar: same shape (B, ...), same floating dtype and device.
+      reduction: "none" | "sum" | "mean" | "batchmean" (default), see the module docstring.
+      free_bits: lam >= 0 nats (Kingma et al. 2016). With lam > 0 each latent position's batch-mean
+        KL kbar_j is floored at lam: the loss is sum_j max(kbar_j, lam) for "batchmean", B times
+        that for "sum", and that over the per-sample size for "mean"; positions below the floor
+        get no KL gradient. Not defined for "none" (ValueError).
+      num_samples: K >= 1 draws of z in one call.
+      generator: a torch.Generator on the inputs' device; default: torch's default generator, so
+        torch.manual_seed(s) reproduces every draw bit for bit.
+      eps: optional tensor of z's shape and mu's dtype used instead of drawing (validation,
+        gradcheck). It is not differentiated: it must not require grad.
+
+    Raises TypeError (non-floating or mismatched dtypes), ValueError (shapes, reduction,
+    num_samples < 1, free_bits < 0, free_bits with "none"), RuntimeError (different devices),
+    all before any kernel runs.
+    """
+    code = _reduction_code(reduction, "reparameterize_kl")
+    _check_tensor(mu, "mu", "reparameterize_kl")
+    _check_tensor(logvar, "logvar", "reparameterize_kl")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"reparameterize_kl: num_samples must be an int, got {num_samples!r}")
+    if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
+        raise TypeError(f"reparameterize_kl: free_bits must be a real number, got {free_bits!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"reparameterize_kl: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if eps is not None:
+        _check_tensor(eps, "eps", "reparameterize_kl")
+        if eps.requires_grad and torch.is_grad_enabled():
+            raise ValueError("reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)")
+    return ReparameterizeKL.apply(mu, logvar, eps, generator, int(num_samples), code, float(free_bits))
+
+
+def gaussian_recon_loss(x_hat, x, *, reduction="batchmean"):
+    """Squared-error reconstruction loss 1/2 ||x_hat - x||^2 per sample (the negative
+    log-likelihood of a unit-variance Gaussian decoder, constants dropped), reduced as
+    `reduction` says. x_hat and x: same shape (B, ...), dtype and device. Gradients flow to x_hat,
+    and to x when it requires grad.
+    """
+    code = _reduction_code(reduction, "gaussian_recon_loss")
+    _check_tensor(x_hat, "x_hat", "gaussian_recon_loss")
+    _check_tensor(x, "x", "gaussian_recon_loss")
+    # On the CPU, reading the incoming gradient is free, so the forward can prepare the gradient
+    # of the usual loss.backward() (incoming gradient 1) in the same pass (see ops.GaussianReconLoss).
+    save_grad_unit = (
+        code != REDUCTIONS["none"]
+        and x_hat.requires_grad
+        and x_hat.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+    return GaussianReconLoss.apply(x_hat, x, code, save_grad_unit)

@@ -1,0 +1,107 @@
+"""The fused ops as torch.autograd.Function classes over the compiled kernels.
+
+Each Function calls one compiled op forward (torch.ops.fastelbo.reparameterize_kl,
+torch.ops.fastelbo.gaussian_recon_loss) and one backward op; the dispatcher picks the CPU or CUDA
+kernel. Arguments are validated in the compiled ops, before any kernel runs. Most users call
+`fastelbo.reparameterize_kl` and `fastelbo.gaussian_recon_loss`, which map the reduction names to
+the codes below and call `.apply`.
+"""
+import torch
+
+from ._extension import _C  # noqa: F401  (registers torch.ops.fastelbo)
+
+_ops = torch.ops.fastelbo
+
+# Reduction codes of the compiled ops (csrc/elbo_math.h, enum Reduction).
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+
+
+def _refuse_double_backward(name, *grads):
+    """First-order gradients are exact; a graph built over them (create_graph=True) would be
+    silently wrong, so differentiating them again raises a clear error instead."""
+    if not torch.is_grad_enabled():
+        return grads
+    error = torch._C._functions.DelayedError(
+        f"fastelbo: double backward (differentiating the gradients of {name}) is not supported; "
+        "use fastelbo.reference for higher-order gradients",
+        len(grads),
+    )
+    wrapped = []
+    for grad in grads:
+        if grad is not None:
+            grad = grad.detach().requires_grad_()
+        wrapped.append(grad)
+    out = error(*wrapped)
+    return out if isinstance(out, tuple) else (out,)
+
+
+class ReparameterizeKL(torch.autograd.Function):
+    """z = mu + exp(logvar / 2) * eps and the reduced Gaussian KL, in one fused op.
+
+    apply(mu, logvar, eps, generator, num_samples, reduction_code, free_bits) -> (z, kl).
+    The backward regenerates eps from the (seed, offset) the forward used (rng_state), so eps is
+    never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        z, kl, rng_state, kl_position_mean = _ops.reparameterize_kl(
+            mu, logvar, eps, generator, num_samples, reduction, free_bits
+        )
+        ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
+        ctx.num_samples = num_samples
+        ctx.reduction = reduction
+        ctx.free_bits = free_bits
+        # An unused output (z or kl) gets None instead of a tensor of zeros: no wasted pass.
+        ctx.set_materialize_grads(False)
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, eps, rng_state, kl_position_mean = ctx.saved_tensors
+        grad_mu, grad_logvar = _ops.reparameterize_kl_backward(
+            grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+            ctx.num_samples, ctx.reduction, ctx.free_bits,
+        )
+        grad_mu, grad_logvar = _refuse_double_backward("reparameterize_kl", grad_mu, grad_logvar)
+        return grad_mu, grad_logvar, None, None, None, None, None
+
+
+class GaussianReconLoss(torch.autograd.Function):
+    """The reduced squared-error reconstruction loss 1/2 ||x_hat - x||^2, in one fused op.
+
+    apply(x_hat, x, reduction_code, save_grad_unit) -> loss.
+    save_grad_unit (CPU only; `gaussian_recon_loss` decides): the forward pass also writes
+    scale * (x_hat - x), the gradient for an incoming gradient of exactly 1, and the backward of
+    the usual `loss.backward()` hands it back with no pass over memory. It costs one
+    x_hat-sized buffer held from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, x, reduction, save_grad_unit):
+        loss, grad_unit = _ops.gaussian_recon_loss(x_hat, x, reduction, save_grad_unit)
+        ctx.reduction = reduction
+        ctx.has_grad_unit = save_grad_unit
+        if save_grad_unit:
+            ctx.save_for_backward(x_hat, x, grad_unit)
+        else:
+            ctx.save_for_backward(x_hat, x)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        saved = ctx.saved_tensors
+        x_hat, x = saved[0], saved[1]
+        # Reading grad_loss on the CPU costs no device sync: it is one number there.
+        if ctx.has_grad_unit and grad_loss.numel() == 1 and grad_loss.item() == 1.0:
+            grad_x_hat = saved[2]
+            grad_x = -grad_x_hat if need_x else None
+        else:
+            grad_x_hat, grad_x = _ops.gaussian_recon_loss_backward(
+                grad_loss, x_hat, x, ctx.reduction, need_x_hat, need_x
+            )
+            grad_x = grad_x if need_x else None
+        grad_x_hat = grad_x_hat if need_x_hat else None
+        grad_x_hat, grad_x = _refuse_double_backward("gaussian_recon_loss", grad_x_hat, grad_x)
+        return grad_x_hat, grad_x, None, None
