@@ -287,6 +287,11 @@ TORCH_LIBRARY_IMPL(fastelbo, Meta, m) {
   m.impl("gaussian_recon_loss_backward", &fastelbo::gaussian_recon_loss_backward_meta);
 }
 
+// c10's CPU allocator flag: when set, new CPU allocations are filled with a junk pattern (NaN for
+// float32) instead of whatever memory held before. Tests set it to prove every output element is
+// written. Declared here because c10 exports the flag but no header declares it.
+extern bool FLAGS_caffe2_cpu_allocator_do_junk_fill;
+
 // Small helpers for tests and diagnostics; the ops themselves go through the dispatcher.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastelbo's compiled ops (registered under torch.ops.fastelbo) and diagnostics";
@@ -301,6 +306,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::vector<uint32_t>{out.v[0], out.v[1], out.v[2], out.v[3]};
       },
       "Philox4x32-10 of one counter block (for known-answer tests).");
+  m.def(
+      "_set_cpu_allocator_junk_fill",
+      [](bool enabled) {
+        const bool previous = FLAGS_caffe2_cpu_allocator_do_junk_fill;
+        FLAGS_caffe2_cpu_allocator_do_junk_fill = enabled;
+        return previous;
+      },
+      "Fill new CPU allocations with a NaN junk pattern (tests: poisoned outputs). Returns the "
+      "previous setting.");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else
