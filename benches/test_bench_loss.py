@@ -1,0 +1,99 @@
+"""pytest-benchmark view of `fastelbo bench`: one loss step (fwd, or fwd+bwd) per provider, at small
+sizes, grouped per device, dtype, size and mode so that the table puts the providers side by side.
+
+    pytest benches/ --benchmark-only
+    pytest benches/ --benchmark-only --fastelbo-sizes "mnist-mlp;16,65536,1024" --fastelbo-dtypes fp32,bf16
+
+The providers, inputs, steps and validation are fastelbo.bench's: every provider is checked against
+fastelbo.reference (at the benchmarked size, dtype and device) before it is timed, and a provider
+that fails is reported as a test failure, not as a number. Compilation (torch.compile) and warm-up
+happen before pytest-benchmark starts timing.
+"""
+import pytest
+import torch
+
+from fastelbo import bench
+
+DEFAULT_SIZES = "mnist-mlp;ldm-ae-256"
+
+
+def _devices(config):
+    text = config.getoption("--fastelbo-devices")
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [d.strip() for d in text.split(",") if d.strip()] if text else present
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    sizes = []
+    for item in (config.getoption("--fastelbo-sizes") or DEFAULT_SIZES).split(";"):
+        sizes += bench.parse_size(item)
+    providers = (config.getoption("--fastelbo-providers") or ",".join(bench.PROVIDERS)).split(",")
+    dtypes_opt = config.getoption("--fastelbo-dtypes")
+    params, ids = [], []
+    for device in _devices(config):
+        dtypes = dtypes_opt.split(",") if dtypes_opt else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+        for dtype in dtypes:
+            for size in sizes:
+                for mode in bench.MODES:
+                    for provider in providers:
+                        params.append((provider.strip(), device, dtype.strip(), size, mode))
+                        ids.append(f"{device}-{dtype}-{size.name}-{mode}-{provider}")
+    metafunc.parametrize("case", params, ids=ids)
+
+
+_inputs = {}  # (device, dtype, size) -> the input sets, shared by every provider and mode
+_validated = {}  # (provider, device, dtype, size) -> loss function, or the ValidationError message
+
+
+def _input_sets(device, dtype, size):
+    key = (device, dtype, size)
+    if key not in _inputs:
+        _inputs.clear()  # one size at a time in memory
+        n = bench.n_input_sets(size, bench.DTYPES[dtype], device, 32)
+        _inputs[key] = [bench.make_inputs(size, bench.DTYPES[dtype], device, seed) for seed in range(n)]
+    return _inputs[key]
+
+
+def _loss_fn(provider, device, dtype, size):
+    key = (provider, device, dtype, size)
+    if key not in _validated:
+        if provider == "compile":  # a fresh compile per case (its build resets dynamo's caches)
+            for old in [k for k in _validated if k[0] == "compile"]:
+                del _validated[old]
+        fn = bench.PROVIDERS[provider].build()
+        try:
+            bench.validate_provider(fn, size, bench.DTYPES[dtype], device)
+            _validated[key] = fn
+        except bench.ValidationError as error:
+            _validated[key] = f"{provider} refused: {error}"
+    return _validated[key]
+
+
+def test_loss_step(benchmark, case):
+    provider, device, dtype, size, mode = case
+    if provider not in bench.PROVIDERS:
+        pytest.fail(f"unknown provider {provider!r} ({', '.join(bench.PROVIDERS)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    fn = _loss_fn(provider, device, dtype, size)
+    if isinstance(fn, str):
+        pytest.fail(fn)
+    step = bench.make_step(fn, _input_sets(device, dtype, size), mode)
+    sync = bench._sync(device)
+    for _ in range(3):  # warm-up: compiled code and allocator settle before timing
+        step()
+    sync()
+
+    def timed():
+        step()
+        sync()
+
+    benchmark.group = f"{device} {dtype} {size.name} (B={size.B}, D={size.D}, Z={size.Z}) {mode}"
+    benchmark.name = provider
+    benchmark.extra_info.update(provider=provider, device=device, dtype=dtype, size=size.name, B=size.B,
+                                D=size.D, Z=size.Z, mode=mode,
+                                floor_bytes=bench.floor_bytes(size, bench.DTYPES[dtype], mode))
+    benchmark(timed)
