@@ -1,0 +1,136 @@
+"""torch.library.opcheck on every compiled op, and torch.compile(fullgraph=True) of a function
+using both public functions against eager.
+
+The compiled ops have no autograd kernel of their own: autograd lives in the Python
+torch.autograd.Function classes of fastelbo.ops (ReparameterizeKL, GaussianReconLoss), which call
+the forward op and the backward op. So opcheck gets inputs that do not require grad (its
+autograd-registration check would otherwise, rightly, find no autograd kernel), and the gradients
+of the whole are checked through torch.compile below and gradcheck elsewhere.
+
+The sampling op is opchecked with eps given: with eps it is a pure function of its inputs, while
+without it every call draws new numbers and opcheck's repeated-run comparisons could not agree.
+Its backward op is deterministic given the rng_state, so it is also checked with eps=None.
+"""
+import pytest
+import torch
+from torch.library import opcheck
+
+import fastelbo
+from fastelbo.ops import REDUCTIONS
+
+from conftest import dtype_id, random_grad_outputs, recon_inputs, sample_inputs, stable_seed
+
+ops = torch.ops.fastelbo
+
+REPARAM_CONFIGS = [  # (dtype, reduction, num_samples, free_bits)
+    (torch.float32, "none", 1, 0.0), (torch.float32, "sum", 3, 0.0),
+    (torch.float32, "batchmean", 2, 0.3), (torch.float32, "mean", 1, 0.3),
+    (torch.bfloat16, "batchmean", 1, 0.0),
+]
+CONFIG_IDS = [f"{dtype_id(d)}-{r}-K{k}-fb{fb}" for d, r, k, fb in REPARAM_CONFIGS]
+
+
+@pytest.mark.parametrize("config", REPARAM_CONFIGS, ids=CONFIG_IDS)
+def test_opcheck_reparameterize_kl(device, config):
+    dtype, reduction, num_samples, free_bits = config
+    code = REDUCTIONS[reduction]
+    mu, logvar, eps = sample_inputs((3, 2, 5), dtype, device, seed=stable_seed("oc", config),
+                                    num_samples=num_samples, requires_grad=False)
+    opcheck(ops.reparameterize_kl, (mu, logvar, eps, None, num_samples, code, free_bits))
+
+    # the backward op, with eps given and with eps regenerated from the forward's rng_state
+    for e in (eps, None):
+        torch.manual_seed(0)
+        z, kl, rng_state, kl_position_mean = ops.reparameterize_kl(mu, logvar, e, None, num_samples, code,
+                                                                   free_bits)
+        grad_z, grad_kl = random_grad_outputs((z, kl), reduction, seed=1)
+        variants = ((grad_z, grad_kl), (None, grad_kl), (grad_z, None)) if e is None else ((grad_z, grad_kl),)
+        for grads in variants:
+            opcheck(ops.reparameterize_kl_backward,
+                    (*grads, mu, logvar, e, rng_state, kl_position_mean, num_samples, code, free_bits))
+
+
+@pytest.mark.parametrize(
+    "dtype, reduction",
+    [(torch.float32, r) for r in REDUCTIONS] + [(torch.float16, "batchmean")],
+    ids=[f"float32-{r}" for r in REDUCTIONS] + ["float16-batchmean"],
+)
+def test_opcheck_gaussian_recon_loss(device, reduction, dtype):
+    code = REDUCTIONS[reduction]
+    x_hat, x = recon_inputs((3, 2, 5), dtype, device, seed=stable_seed("ocr", reduction, dtype),
+                            x_hat_grad=False)
+    for save_grad_unit in (False, True):
+        opcheck(ops.gaussian_recon_loss, (x_hat, x, code, save_grad_unit))
+    loss, _ = ops.gaussian_recon_loss(x_hat, x, code, False)
+    (grad_loss,) = random_grad_outputs((loss,), reduction, seed=2)
+    for need in ((True, False), (False, True), (True, True)):
+        opcheck(ops.gaussian_recon_loss_backward, (grad_loss, x_hat, x, code, *need))
+
+
+# ---- torch.compile(fullgraph=True) ------------------------------------------------------------------
+
+def negative_elbo(mu, logvar, x, eps):
+    """A loss step using both public functions: the recon term reads z itself (as a decoder's
+    output would), so its gradient flows back through the sampling op."""
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="batchmean", num_samples=2)
+    rec = fastelbo.gaussian_recon_loss(z[0] * 0.5 + z[1] * 0.25, x, reduction="none")
+    loss = 0.25 * rec.sum() + 0.5 * kl
+    return z, kl, rec, loss
+
+
+def negative_elbo_drawn(mu, logvar, x):
+    return negative_elbo(mu, logvar, x, None)
+
+
+def run_step(fn, mu, logvar, x, *rest):
+    mu, logvar = (t.detach().clone().requires_grad_() for t in (mu, logvar))
+    outs = fn(mu, logvar, x, *rest)
+    grads = torch.autograd.grad(outs[-1], (mu, logvar))
+    return [o.detach() for o in outs], list(grads)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch._dynamo.reset()
+    return {
+        "eps": torch.compile(negative_elbo, fullgraph=True, dynamic=False),
+        "drawn": torch.compile(negative_elbo_drawn, fullgraph=True, dynamic=False),
+    }
+
+
+def test_compile_matches_eager_with_eps(device, compiled):
+    mu, logvar, eps = sample_inputs((4, 6), torch.float32, device, seed=3, num_samples=2, requires_grad=False)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(4)).to(device)
+    outs_c, grads_c = run_step(compiled["eps"], mu, logvar, x, eps)
+    outs_e, grads_e = run_step(negative_elbo, mu, logvar, x, eps)
+    for a, b in zip(outs_c + grads_c, outs_e + grads_e):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # the fused ops' own outputs are bit-identical (same kernels)
+    for a, b in zip(outs_c[:3], outs_e[:3]):
+        assert torch.equal(a, b)
+
+
+def test_compile_matches_eager_drawn_eps(device, compiled):
+    """Without eps: the compiled step after torch.manual_seed(s) equals the eager step after
+    torch.manual_seed(s) (the draw goes through the generator, it is not frozen at trace time),
+    and two compiled calls draw different eps."""
+    mu, logvar = sample_inputs((4, 6), torch.float32, device, seed=5, with_eps=False, requires_grad=False)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(6)).to(device)
+    torch.manual_seed(77)
+    outs_c, grads_c = run_step(compiled["drawn"], mu, logvar, x)
+    outs_c2, grads_c2 = run_step(compiled["drawn"], mu, logvar, x)
+    torch.manual_seed(77)
+    outs_e, grads_e = run_step(negative_elbo_drawn, mu, logvar, x)
+    outs_e2, _ = run_step(negative_elbo_drawn, mu, logvar, x)
+    for a, b in zip(outs_c + grads_c, outs_e + grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(outs_c[:3], outs_e[:3]):
+        assert torch.equal(a, b)
+    # second calls agree with each other too (same generator sequence) ...
+    assert torch.equal(outs_c2[0], outs_e2[0])
+    # ... and differ from the first calls: a new draw per call, including both draws of a call
+    z1, z2 = outs_c[0], outs_c2[0]
+    assert (z1 != z2).float().mean() > 0.9
+    assert (z1[0] != z1[1]).float().mean() > 0.9
+    assert not torch.equal(grads_c[1], grads_c2[1])

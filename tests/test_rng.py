@@ -1,0 +1,273 @@
+"""The random numbers of fastelbo.reparameterize_kl (DESIGN.md section 5).
+
+eps drawn inside the kernel: its distribution (moments, tails, a Kolmogorov-Smirnov check against
+the normal CDF) and independence, with bounds from the standard errors (5 sigma); the backward
+regenerating the forward's eps; reproducibility with torch.manual_seed and generator=; results
+independent of the thread count.
+"""
+import math
+
+import pytest
+import torch
+
+import fastelbo
+from fastelbo import reference
+
+from conftest import (
+    REDUCTIONS,
+    random_grad_outputs,
+    recon_inputs,
+    run_with_grads,
+    sample_inputs,
+    stable_seed,
+)
+
+SIGMAS = 5.0  # every statistical bound below: 5 standard errors
+N_SAMPLES = 1 << 22  # ~4.2 million draws per distribution check
+
+
+def draw_eps(shape, dtype, device, num_samples=1, generator=None):
+    """eps as drawn by the kernel: with mu = 0 and logvar = 0, z = 0 + exp(0) * eps = eps exactly."""
+    mu = torch.zeros(shape, dtype=dtype, device=device)
+    z, _ = fastelbo.reparameterize_kl(mu, torch.zeros_like(mu), num_samples=num_samples,
+                                      generator=generator, reduction="sum")
+    return z
+
+
+def correlation(a, b):
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_eps_moments_tails_and_cdf(device, dtype):
+    torch.manual_seed(1234)
+    x = draw_eps((64, N_SAMPLES // 64), dtype, device).double().flatten()
+    n = x.numel()
+    assert torch.isfinite(x).all()
+
+    mean = x.mean().item()
+    centered = x - mean
+    var = (centered**2).mean().item()
+    skew = ((centered**3).mean() / var**1.5).item()
+    kurt = ((centered**4).mean() / var**2).item()
+    # standard errors of the sample moments of N(0, 1)
+    assert abs(mean) < SIGMAS * math.sqrt(1 / n), mean
+    assert abs(var - 1) < SIGMAS * math.sqrt(2 / n), var
+    assert abs(skew) < SIGMAS * math.sqrt(6 / n), skew
+    assert abs(kurt - 3) < SIGMAS * math.sqrt(24 / n), kurt
+
+    # tail frequencies, binomial standard errors
+    for t in (1.0, 2.0, 3.0, 4.0):
+        p = math.erfc(t / math.sqrt(2))  # P(|N(0,1)| > t)
+        freq = (x.abs() > t).double().mean().item()
+        assert abs(freq - p) < SIGMAS * math.sqrt(p * (1 - p) / n), (t, freq, p)
+
+    # Kolmogorov-Smirnov: sqrt(n) * D < 2.75 has probability 1 - 6e-7 under the null hypothesis
+    s = x.sort().values
+    cdf = torch.special.ndtr(s)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=s.device)
+    d = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert math.sqrt(n) * d < 2.75, d
+
+
+def test_eps_independence(device):
+    """Correlation ~0 (5 standard errors, 1/sqrt(n)) between elements at lags 1..5 (inside and
+    across Box-Muller pairs and Philox groups), between their squares (dependence that a zero
+    correlation would miss), between the K draws of num_samples, and between consecutive calls."""
+    torch.manual_seed(99)
+    n = 1 << 20
+    z = draw_eps((4, n // 4), torch.float32, device, num_samples=3).double()
+    bound = SIGMAS / math.sqrt(n)
+    x = z[0].flatten()
+    for lag in range(1, 6):
+        assert abs(correlation(x[:-lag], x[lag:])) < bound, lag
+        assert abs(correlation(x[:-lag] ** 2, x[lag:] ** 2)) < bound, lag
+    # same element, different draw k
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(correlation(z[a].flatten(), z[b].flatten())) < bound, (a, b)
+        assert abs(correlation(z[a].flatten() ** 2, z[b].flatten() ** 2)) < bound, (a, b)
+    # same element, next row (the counter runs over the whole tensor, not per row)
+    rows = z[0]
+    assert abs(correlation(rows[:-1].flatten(), rows[1:].flatten())) < SIGMAS / math.sqrt(rows[1:].numel())
+    # consecutive calls
+    z2 = draw_eps((4, n // 4), torch.float32, device, num_samples=3).double()
+    assert abs(correlation(z[0].flatten(), z2[0].flatten())) < bound
+    # each draw k is itself standard normal
+    for k in range(3):
+        assert abs(z[k].mean().item()) < SIGMAS / math.sqrt(n)
+        assert abs(z[k].var().item() - 1) < SIGMAS * math.sqrt(2 / n)
+
+
+def test_philox_known_answers():
+    """Philox4x32-10 against the Random123 known-answer vectors (kat_vectors)."""
+    philox = fastelbo._C.philox4x32_10
+    assert philox([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert philox([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert philox([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_eps_is_philox_box_muller_of_seed_offset_index(device):
+    """DESIGN.md section 5: the normal of element i of draw k depends only on (seed, offset + k, i)
+    through Philox4x32-10 and Box-Muller (counter layout in csrc/elbo_math.h), so the CPU and CUDA
+    kernels can agree. Recomputed here in float64 from the rng_state the op returns."""
+    mu = torch.zeros(3, 7, dtype=torch.float64, device=device)
+    torch.manual_seed(7)
+    z, _, rng_state, _ = torch.ops.fastelbo.reparameterize_kl(mu, torch.zeros_like(mu), None, None, 2, 1, 0.0)
+    seed, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in rng_state.cpu().tolist())
+    tag = 0xE1B05EED
+    philox = fastelbo._C.philox4x32_10
+    expected = torch.empty(2, 21, dtype=torch.float64)
+    for k in range(2):
+        stream = offset + k
+        for group in range(6):
+            bits = philox([group & 0xFFFFFFFF, group >> 32, stream & 0xFFFFFFFF,
+                           ((stream >> 32) & 0xFFFFFFFF) ^ tag], [seed & 0xFFFFFFFF, seed >> 32])
+            u = [b * 2.0**-32 + 2.0**-33 for b in bits]
+            normals = []
+            for pair in range(2):
+                radius = math.sqrt(-2 * math.log(u[2 * pair]))
+                angle = 2 * math.pi * u[2 * pair + 1]
+                normals += [radius * math.cos(angle), radius * math.sin(angle)]
+            for lane in range(4):
+                if 4 * group + lane < 21:
+                    expected[k, 4 * group + lane] = normals[lane]
+    torch.testing.assert_close(z.cpu().reshape(2, 21), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- the backward regenerates the forward's eps -------------------------------------------------
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 16389)], ids=["5x7", "3x16389"])
+def test_backward_regenerates_forward_eps(device, shape, reduction, num_samples):
+    """With eps drawn inside, the gradients equal the float64 reference's with eps recovered from
+    z as (z - mu) / std. (3, 16389): rows span several CPU tasks and do not start on a Philox
+    group boundary."""
+    seed = stable_seed("regen", shape, reduction, num_samples)
+    mu, logvar = sample_inputs(shape, torch.float64, device, seed=seed, with_eps=False)
+    torch.manual_seed(seed)
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, num_samples=num_samples)
+    grad_outputs = random_grad_outputs((z, kl), reduction, seed=seed + 1)
+    grads = torch.autograd.grad((z, kl), (mu, logvar), grad_outputs)
+
+    eps = ((z.detach() - mu.detach()) / torch.exp(0.5 * logvar.detach()))
+    assert eps.abs().max() < 7 and eps.std() > 0.5  # a real draw, not zeros
+    f = lambda m, lv: reference.reparameterize_kl(m, lv, reduction=reduction, num_samples=num_samples, eps=eps)
+    (z_ref, kl_ref), grads_ref = run_with_grads(f, (mu, logvar), grad_outputs)
+    torch.testing.assert_close(z.detach(), z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl.detach(), kl_ref, rtol=1e-12, atol=1e-12)
+    for name, g, g_ref in zip(("mu", "logvar"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_backward_uses_its_own_forward_state(device):
+    """Two forwards, then their backwards in reverse order: each regenerates its own eps, not the
+    generator's current state."""
+    mu, logvar = sample_inputs((4, 9), torch.float64, device, seed=5, with_eps=False)
+    zs = [fastelbo.reparameterize_kl(mu, logvar, reduction="sum")[0] for _ in range(2)]
+    assert not torch.equal(zs[0], zs[1])
+    torch.rand(10)  # the default generator moves on
+    for z in reversed(zs):
+        g_z = torch.ones_like(z)
+        grad_mu, grad_logvar = torch.autograd.grad(z, (mu, logvar), g_z)
+        eps = (z.detach() - mu.detach()) / torch.exp(0.5 * logvar.detach())
+        torch.testing.assert_close(grad_mu, g_z, rtol=0, atol=0)
+        torch.testing.assert_close(grad_logvar, 0.5 * (z.detach() - mu.detach()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_logvar, 0.5 * torch.exp(0.5 * logvar.detach()) * eps,
+                                   rtol=1e-12, atol=1e-12)
+
+
+# ---- reproducibility ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+def test_manual_seed_reproduces_bit_for_bit(device, dtype):
+    mu, logvar = sample_inputs((6, 11), dtype, device, seed=3, with_eps=False)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(2024)
+        z1, kl1 = fastelbo.reparameterize_kl(mu, logvar, reduction="none")
+        z2, _ = fastelbo.reparameterize_kl(mu, logvar, reduction="none", num_samples=3)
+        grads = torch.autograd.grad((z1.float().sum() + z2.float().sum() + kl1.sum()), (mu, logvar))
+        results.append((z1, kl1, z2, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    # consecutive calls draw different eps (nearly every element differs)
+    z1, z2 = results[0][0], results[0][2]
+    assert (z1 != z2[0]).float().mean() > 0.9
+    assert (z2[0] != z2[1]).float().mean() > 0.9 and (z2[1] != z2[2]).float().mean() > 0.9
+    torch.manual_seed(2025)
+    z3, _ = fastelbo.reparameterize_kl(mu, logvar)
+    assert (z3 != z1).float().mean() > 0.9
+
+
+def test_calls_advance_the_default_generator(device):
+    mu = torch.zeros(2, 5, device=device)
+    state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    fastelbo.reparameterize_kl(mu, mu)
+    after = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    assert not torch.equal(state, after)
+
+
+def test_generator_argument_is_used(device):
+    mu, logvar = sample_inputs((5, 13), torch.float32, device, seed=4, with_eps=False)
+    torch.manual_seed(0)
+    default_state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+
+    def with_generator(seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        state = g.get_state()
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, generator=g)
+        assert not torch.equal(g.get_state(), state), "generator= was not advanced"
+        grads = torch.autograd.grad((z.sum() + kl), (mu, logvar))
+        return z, grads
+
+    z_a, grads_a = with_generator(11)
+    z_b, grads_b = with_generator(11)
+    z_c, _ = with_generator(12)
+    assert torch.equal(z_a, z_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert (z_a != z_c).float().mean() > 0.9
+    # the default generator was not touched
+    after = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    assert torch.equal(default_state, after)
+    # a call on the default generator draws something else
+    z_default, _ = fastelbo.reparameterize_kl(mu, logvar)
+    assert (z_default != z_a).float().mean() > 0.9
+
+
+def test_thread_count_independence(device, restore_num_threads):
+    """Bit-identical z, kl, gradients and recon loss under 1, 2 and 3 threads, at a size with
+    several 16384-element tasks per row (the CPU kernels' chunks) and above the 32768-element
+    parallel threshold."""
+    shape = (4, 40000)
+    mu, logvar = sample_inputs(shape, torch.float32, device, seed=8, with_eps=False)
+    x_hat, x = recon_inputs(shape, torch.float32, device, seed=9, x_grad=True)
+
+    def run():
+        out = []
+        for reduction in REDUCTIONS:
+            torch.manual_seed(31)
+            z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, num_samples=2)
+            g_out = random_grad_outputs((z, kl), reduction, seed=1)
+            out += [z, kl, *torch.autograd.grad((z, kl), (mu, logvar), g_out)]
+            rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+            out += [rec, *torch.autograd.grad(rec, (x_hat, x), random_grad_outputs((rec,), reduction, seed=2))]
+            if reduction != "none":
+                out += list(torch.autograd.grad(fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction),
+                                                (x_hat, x)))
+                torch.manual_seed(32)
+                z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, free_bits=0.6)
+                out += [z, kl, *torch.autograd.grad((z.sum() + kl), (mu, logvar))]
+        return out
+
+    results = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results[threads] = run()
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[threads])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
