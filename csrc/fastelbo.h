@@ -1,4 +1,4 @@
-// Host-side contract shared by every backend (CPU, CUDA, Meta): argument checks, output shapes
+// Host-side contract shared by the CPU and CUDA backends: argument checks, output shapes
 // and dtypes, and the reduction scale. Validating and allocating in one place keeps the backends
 // from drifting apart and makes every bad input fail before any kernel runs.
 #pragma once
@@ -40,7 +40,8 @@ struct ReparamKLOutputs {
   at::Tensor rng_state;         // (2,) int64 = (seed, offset) on mu's device; zeros when eps is given
   at::Tensor kl_position_mean;  // (D,) batch-mean KL per position when free_bits > 0, else (0,)
 };
-// Allocates the outputs on mu's device (or meta) with the documented shapes and dtypes.
+// Allocates the outputs on mu's device with the documented shapes and dtypes (the fake
+// implementations in fastelbo/ops.py mirror these shapes for torch.compile).
 ReparamKLOutputs allocate_reparameterize_kl(const at::Tensor& mu, int64_t num_samples,
                                             int64_t reduction, double free_bits);
 

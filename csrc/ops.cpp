@@ -1,5 +1,6 @@
-// Op schemas, the argument checks and output shapes every backend shares, the Meta (fake)
-// kernels that torch.compile and opcheck trace through, and the Python module's init.
+// Op schemas, the argument checks and output shapes every backend shares, and the Python
+// module's init. The fake (shape-only) implementations that torch.compile and opcheck trace
+// through are registered in Python (fastelbo/ops.py), where symbolic shapes are natural.
 //
 // Backends register their kernels for the same schemas in csrc/cpu/ and csrc/cuda/; the
 // dispatcher, not Python, picks the one for the inputs' device.
@@ -209,53 +210,6 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
   }
 }
 
-// ---- Meta kernels: shapes and dtypes only, for torch.compile, FakeTensor and opcheck ---------
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_meta(
-    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
-    std::optional<at::Generator> /*generator*/, int64_t num_samples, int64_t reduction,
-    double free_bits) {
-  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
-  auto out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits);
-  return {out.z, out.kl, out.rng_state, out.kl_position_mean};
-}
-
-std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_meta(
-    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
-    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
-    const at::Tensor& rng_state, const at::Tensor& kl_position_mean, int64_t num_samples,
-    int64_t reduction, double free_bits) {
-  check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
-                                   num_samples, reduction, free_bits);
-  return {at::empty_like(mu, at::MemoryFormat::Contiguous),
-          at::empty_like(logvar, at::MemoryFormat::Contiguous)};
-}
-
-std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_meta(const at::Tensor& x_hat,
-                                                            const at::Tensor& x,
-                                                            int64_t reduction,
-                                                            bool save_grad_unit) {
-  check_gaussian_recon_loss(x_hat, x, reduction);
-  at::Tensor grad_unit = save_grad_unit ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
-                                        : at::empty({0}, x_hat.options());
-  return {allocate_recon_loss(x_hat, reduction), grad_unit};
-}
-
-std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_meta(
-    const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
-    bool need_grad_x_hat, bool need_grad_x) {
-  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
-  auto grad_for = [&](bool needed) {
-    return needed ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
-                  : at::empty({0}, x_hat.options());
-  };
-  return {grad_for(need_grad_x_hat), grad_for(need_grad_x)};
-}
-
-}  // namespace
-
 }  // namespace fastelbo
 
 // The schemas. The sampling op takes the generator itself and is tagged nondeterministic_seeded,
@@ -278,13 +232,6 @@ TORCH_LIBRARY(fastelbo, m) {
   m.def(
       "gaussian_recon_loss_backward(Tensor grad_loss, Tensor x_hat, Tensor x, int reduction, "
       "bool need_grad_x_hat, bool need_grad_x) -> (Tensor grad_x_hat, Tensor grad_x)");
-}
-
-TORCH_LIBRARY_IMPL(fastelbo, Meta, m) {
-  m.impl("reparameterize_kl", &fastelbo::reparameterize_kl_meta);
-  m.impl("reparameterize_kl_backward", &fastelbo::reparameterize_kl_backward_meta);
-  m.impl("gaussian_recon_loss", &fastelbo::gaussian_recon_loss_meta);
-  m.impl("gaussian_recon_loss_backward", &fastelbo::gaussian_recon_loss_backward_meta);
 }
 
 // c10's CPU allocator flag: when set, new CPU allocations are filled with a junk pattern (NaN for

@@ -14,6 +14,57 @@ _ops = torch.ops.fastelbo
 
 # Reduction codes of the compiled ops (csrc/elbo_math.h, enum Reduction).
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+_NONE = REDUCTIONS["none"]
+
+
+# ---- Fake (shape-only) implementations, for torch.compile, FakeTensor and opcheck ------------
+# They mirror the output shapes and dtypes of csrc/ops.cpp (allocate_reparameterize_kl,
+# allocate_recon_loss); argument errors are raised by the compiled ops themselves at run time.
+
+def _loss_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reduced_loss_like(t, reduction):
+    shape = (t.shape[0],) if reduction == _NONE else ()
+    return t.new_empty(shape, dtype=_loss_dtype(t.dtype))
+
+
+@torch.library.register_fake("fastelbo::reparameterize_kl")
+def _reparameterize_kl_fake(mu, logvar, eps, generator, num_samples, reduction, free_bits):
+    torch._check(mu.dim() >= 1, lambda: "reparameterize_kl: mu must have a batch dimension")
+    z_shape = (num_samples, *mu.shape) if num_samples > 1 else mu.shape
+    per_sample = mu[0].numel() if free_bits > 0 else 0
+    return (
+        mu.new_empty(z_shape),
+        _reduced_loss_like(mu, reduction),
+        mu.new_empty((2,), dtype=torch.int64),
+        mu.new_empty((per_sample,), dtype=_loss_dtype(mu.dtype)),
+    )
+
+
+@torch.library.register_fake("fastelbo::reparameterize_kl_backward")
+def _reparameterize_kl_backward_fake(grad_z, grad_kl, mu, logvar, eps, rng_state,
+                                     kl_position_mean, num_samples, reduction, free_bits):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(
+        logvar, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastelbo::gaussian_recon_loss")
+def _gaussian_recon_loss_fake(x_hat, x, reduction, save_grad_unit):
+    torch._check(x_hat.dim() >= 1, lambda: "gaussian_recon_loss: x_hat must have a batch dimension")
+    grad_unit = (torch.empty_like(x_hat, memory_format=torch.contiguous_format)
+                 if save_grad_unit else x_hat.new_empty((0,)))
+    return _reduced_loss_like(x_hat, reduction), grad_unit
+
+
+@torch.library.register_fake("fastelbo::gaussian_recon_loss_backward")
+def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad_x_hat, need_grad_x):
+    def grad(needed):
+        return (torch.empty_like(x_hat, memory_format=torch.contiguous_format)
+                if needed else x_hat.new_empty((0,)))
+    return grad(need_grad_x_hat), grad(need_grad_x)
+
 
 
 def _refuse_double_backward(name, *grads):
