@@ -13,7 +13,9 @@ reconstruction, with their backward passes, behind a drop-in functional API:
 from ._extension import _C  # noqa: F401  (loads the kernels: registers torch.ops.fastelbo)
 from . import ops, reference
 from .functional import gaussian_recon_loss, reparameterize_kl
+from .modules import VAE, ELBOLoss, VAEOutput, ELBOOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["reparameterize_kl", "gaussian_recon_loss", "ops", "reference", "__version__"]
+__all__ = ["reparameterize_kl", "gaussian_recon_loss", "VAE", "ELBOLoss", "VAEOutput", "ELBOOutput", "ops", "reference",
+           "__version__"]

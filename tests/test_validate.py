@@ -1,0 +1,152 @@
+"""`fastelbo validate`: passes on the real kernels, and fails when a deliberately broken op is
+swapped in (each kind of breakage is caught by the part of the validator meant for it)."""
+import types
+
+import pytest
+import torch
+
+from fastelbo import cli, functional, validate
+
+
+def test_validate_command_passes(capsys):
+    code = cli.main(["validate", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "FAIL" not in out
+    assert "all passed" in out
+    # The table covers every dtype, reduction and the rng checks.
+    for word in ("float64", "float32", "float16", "bfloat16", "none", "sum", "mean", "batchmean",
+                 "(2,3,5,7)", "rng moments", "rng backward eps", "empty batch"):
+        assert word in out, word
+
+
+# ---- deliberately broken implementations --------------------------------------------------------
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _kl_doubled(mu, logvar, **kw):
+    z, kl = functional.reparameterize_kl(mu, logvar, **kw)
+    return z, 2 * kl
+
+
+def _logvar_grad_off_by_one_percent(mu, logvar, **kw):
+    return functional.reparameterize_kl(mu, _ScaleGrad.apply(logvar, 1.01), **kw)
+
+
+def _z_rounded_through_half(mu, logvar, **kw):
+    # Rounds z through bfloat16 whatever the input dtype: the precision loss the 2x rule is there for.
+    z, kl = functional.reparameterize_kl(mu, logvar, **kw)
+    return z.to(torch.bfloat16).to(z.dtype), kl
+
+
+def _recon_summed_not_reduced(x_hat, x, *, reduction="batchmean"):
+    return functional.gaussian_recon_loss(x_hat, x, reduction="sum" if reduction != "none" else "none")
+
+
+def _uniform_eps(mu, logvar, *, eps=None, generator=None, num_samples=1, **kw):
+    if eps is None:  # draws from the wrong distribution (but passes every shared-eps check)
+        shape = (num_samples, *mu.shape) if num_samples > 1 else mu.shape
+        eps = (torch.rand(shape, generator=generator, device=mu.device, dtype=mu.dtype) - 0.5) * 12 ** 0.5
+    return functional.reparameterize_kl(mu, logvar, eps=eps, num_samples=num_samples, **kw)
+
+
+def _ignores_generator(mu, logvar, *, generator=None, **kw):
+    return functional.reparameterize_kl(mu, logvar, **kw)
+
+
+def _backward_redraws_eps(mu, logvar, *, eps=None, generator=None, num_samples=1, **kw):
+    """Right values, and right gradients when eps is given; with internal draws the logvar gradient
+    uses a second, independent eps instead of the forward's."""
+    if eps is not None:
+        return functional.reparameterize_kl(mu, logvar, eps=eps, num_samples=num_samples, **kw)
+    z, kl = functional.reparameterize_kl(mu, logvar, generator=generator, num_samples=num_samples, **kw)
+    other = torch.randn(z.shape, device=mu.device, dtype=mu.dtype)
+    std = torch.exp(0.5 * logvar.detach())
+    z = z.detach() + (mu - mu.detach()) + 0.5 * std * other * (logvar - logvar.detach())
+    return z, kl
+
+
+BROKEN = {
+    "kl doubled": (dict(reparameterize_kl=_kl_doubled), "kl"),
+    "logvar gradient 1% off": (dict(reparameterize_kl=_logvar_grad_off_by_one_percent), "grad_logvar"),
+    "z through bfloat16": (dict(reparameterize_kl=_z_rounded_through_half), "z"),
+    "recon not reduced": (dict(gaussian_recon_loss=_recon_summed_not_reduced), "rec"),
+    "uniform eps": (dict(reparameterize_kl=_uniform_eps), "rng moments+tails"),
+    "generator ignored": (dict(reparameterize_kl=_ignores_generator), "rng reproducible"),
+    "backward redraws eps": (dict(reparameterize_kl=_backward_redraws_eps), "rng backward eps"),
+}
+
+
+def _implementation(**overrides):
+    functions = dict(reparameterize_kl=functional.reparameterize_kl,
+                     gaussian_recon_loss=functional.gaussian_recon_loss)
+    functions.update(overrides)
+    return types.SimpleNamespace(**functions)
+
+
+SMALL_SHAPES = ((1, 1), (3, 5), (2, 3, 5, 7))
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_validator_catches_a_broken_op(name):
+    overrides, caught_by = BROKEN[name]
+    dtype = torch.float64 if name == "z through bfloat16" else torch.float32
+    rng_only = caught_by.startswith("rng")  # these pass every shared-eps check by construction
+    rows = validate.validate(fused=_implementation(**overrides), devices=["cpu"],
+                             dtypes=[] if rng_only else [dtype], shapes=SMALL_SHAPES, rng=rng_only)
+    failed = [row for row in rows if not row.ok]
+    assert failed, f"the validator missed: {name}"
+    assert any(caught_by in (row.worst, row.check) or row.check.startswith(caught_by) for row in failed), (
+        [(row.check, row.worst) for row in failed]
+    )
+
+
+def test_the_unbroken_implementation_passes_the_same_subset():
+    # The control for the test above: the same calls with nothing swapped in pass.
+    rows = validate.validate(fused=_implementation(), devices=["cpu"], dtypes=[torch.float32, torch.float64],
+                             shapes=SMALL_SHAPES)
+    assert all(row.ok for row in rows), [validate.format_row(row) for row in rows if not row.ok]
+
+
+def test_validate_command_exits_1_with_a_broken_op_swapped_in(monkeypatch, capsys):
+    monkeypatch.setattr(validate, "FUSED", _implementation(reparameterize_kl=_kl_doubled))
+    monkeypatch.setattr(validate, "SHAPES", SMALL_SHAPES)  # keeps the test fast; the full set runs above
+    code = cli.main(["validate", "--device", "cpu", "--dtype", "bfloat16", "--failures-only"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out
+    assert " ok" not in out  # --failures-only
+
+
+def test_a_crashing_op_is_a_failed_row_not_a_crash():
+    def crash(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    rows = validate.validate(fused=_implementation(gaussian_recon_loss=crash), devices=["cpu"],
+                             dtypes=[torch.float32], shapes=SMALL_SHAPES, rng=False)
+    assert rows and not any(row.ok for row in rows)
+    assert "kernel exploded" in rows[0].note
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "--dtype", "float8"],
+    ["validate", "--device", "tpu"],
+    ["validate", "--seed", "-1"],
+    ["validate", "--seed", "x"],
+    ["validate", "--bogus"],
+])
+def test_bad_arguments_give_usage_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: fastelbo" in err
