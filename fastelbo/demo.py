@@ -314,8 +314,8 @@ def _run(args):
     print(f"held-out loss after {args.epochs} epochs: fused {final['fused'][0]:.4f} (recon {final['fused'][1]:.4f}, "
           f"KL {final['fused'][2]:.3f}), reference {final['reference'][0]:.4f} (recon {final['reference'][1]:.4f}, "
           f"KL {final['reference'][2]:.3f}): {gap:.1%} apart")
-    print("(runs that differ only in their eps draws typically end a few percent apart at this size, for either"
-          " backend alone:\n the two should follow the same curve, not give the same digits)")
+    print("(two runs that differ only in their eps draws end a few percent apart at this size even with the same\n"
+          " backend: the columns should follow the same curve, not match digit for digit)")
     print(f"median time per epoch: fused {1000 * times['fused']:.1f} ms, reference {1000 * times['reference']:.1f} ms "
           f"(the MLP dominates at this size; `fastelbo bench` times the loss alone)")
 
