@@ -30,8 +30,9 @@ Byte floor (DESIGN.md §3), N = B*Z latent elements, M = B*D data elements, s by
 fwd+bwd (8N + 5M) s, fwd (3N + 2M) s; `floor_fraction` = (floor bytes / copy bandwidth) / step time,
 with the copy bandwidth (bytes read + written by a large tensor copy) measured in the same run.
 
-Exit codes: 0 all requested providers validated and measured; 1 at least one provider was
-refused (the others are still reported); 2 bad arguments.
+Exit codes: 0 all requested providers validated and measured (cases that would not fit in memory
+are skipped, and say so); 1 at least one provider was refused or a case failed with an error (the
+others are still reported); 2 bad arguments.
 """
 import argparse
 import dataclasses
@@ -649,7 +650,6 @@ def measure_case(size, dtype_name, device, cfg, copy_bw, log, progress=None):
                 prof = profile_kernels(step, device, cfg.profile_steps)
                 row.update(prof)
                 row["kernel_floor_fraction"] = floor_us / prof["kernel_time_us"] if prof["kernel_time_us"] else None
-                row["launches_per_step"] = row["kernels_per_step"]
             else:
                 row.update(kernel_time_us=None, kernels_per_step=None, kernel_floor_fraction=None)
             row["peak_mem_bytes"], row["peak_mem_method"] = peak_step_memory(step, device, input_sets)
@@ -677,6 +677,18 @@ def _load_average():
         return list(os.getloadavg())
     except (OSError, AttributeError):
         return None
+
+
+def _busy_warning(meta, devices):
+    """A CPU run on a machine with more runnable work than cores times scheduling, not kernels:
+    with several threads, each parallel region waits for a descheduled thread."""
+    cpus = meta["machine"]["cpu_count"] or 1
+    loads = [x[0] for x in (meta.get("load_average_start"), meta.get("load_average_end")) if x]
+    if "cpu" not in devices or not loads or max(loads) <= 0.75 * cpus:
+        return None
+    return (f"the machine was busy (1-min load average up to {max(loads):.1f} on {cpus} CPUs): CPU timings "
+            f"with {torch.get_num_threads()} threads measure scheduling delays more than the kernels; "
+            "compare only ratios from one run, or rerun on a quiet machine (or with --threads 1)")
 
 
 def machine_info():
@@ -800,7 +812,22 @@ def write_plot(rows, path):
 # command line
 
 
+EPILOG = """examples:
+  fastelbo bench --quick                                  # about a minute on 2 CPU cores
+  fastelbo bench --sizes mnist-mlp --size 16,1048576,16384 --dtypes fp32 --modes fwd+bwd
+  fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 large --dtypes fp32,bf16
+  fastelbo bench --list
+
+Every provider is validated against fastelbo.reference (loss and gradients, at the size, dtype and
+device it is timed at) before it is timed; one that fails is REFUSED and not reported.
+Output: a table on stdout, DIR/bench.json (every figure, machine, torch, CUDA, GPU), DIR/bench.png.
+Exit codes: 0 ok; 1 a provider was refused or a case failed; 2 bad arguments.
+"""
+
+
 def add_arguments(parser):
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--sizes", nargs="+", metavar="SIZE", default=None,
                         help="presets (" + ", ".join(f"{k}={v}" for k, v in PRESETS.items()) + ") or B,D,Z; "
                              "default per device: cpu " + ",".join(DEFAULT_SIZES["cpu"]) + "; cuda "
@@ -827,6 +854,8 @@ def add_arguments(parser):
     parser.add_argument("--profile-steps", type=int, default=5, help="CUDA: steps profiled for kernel time and launches")
     parser.add_argument("--max-input-sets", type=int, default=32,
                         help="at most this many input sets cycled to defeat the cache (default 32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the CPU (default: torch's default, all cores)")
     parser.add_argument("--copy-mib", type=int, default=None,
                         help="size of the tensor copied to measure the copy bandwidth (default: 4x the last-level "
                              "cache, 256 to 1024 MiB)")
@@ -905,6 +934,12 @@ def run(args):
 
     from tqdm import tqdm
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print("fastelbo bench: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+
     def log(message):
         tqdm.write(message, file=sys.stderr)
 
@@ -925,7 +960,7 @@ def run(args):
         "timing": "host-inclusive wall time per step (perf_counter_ns; CUDA: synchronized after each step); "
                   "median and quantiles over the timed steps; providers interleaved round-robin",
     }
-    rows, refused, skipped, copy = [], [], [], {}
+    rows, refused, skipped, errors, copy = [], [], [], [], {}
     total = sum(len(sizes[d]) for d in devices) * len(dtypes) * len(cfg.providers) * len(cfg.modes)
     with tqdm(total=total, unit="case", delay=2.0, disable=True if args.no_progress else None,
               file=sys.stderr, dynamic_ncols=True) as progress:
@@ -944,7 +979,16 @@ def run(args):
                         log(f"skipped {device} {dtype_name} {size.name}: {reason}")
                         progress.update(len(cfg.providers) * len(cfg.modes))
                         continue
-                    case_rows, case_refused = measure_case(size, dtype_name, device, cfg, copy[device], log, progress)
+                    try:
+                        case_rows, case_refused = measure_case(size, dtype_name, device, cfg, copy[device], log,
+                                                               progress)
+                    except Exception as error:  # e.g. out of memory: report it and go on with the next case
+                        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                        errors.append({"device": device, "dtype": dtype_name, "size": size.name, "error": message})
+                        log(f"ERROR {device} {dtype_name} {size.name}: {message}")
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                     rows += case_rows
                     refused += case_refused
                     if device == "cuda":
@@ -952,6 +996,7 @@ def run(args):
     meta["copy_bandwidth"] = copy
     meta["elapsed_s"] = time.time() - started
     meta["load_average_end"] = _load_average()
+    meta["busy_warning"] = _busy_warning(meta, devices)
 
     print(f"fastelbo bench: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs "
           f"({meta['machine']['cpu_model']}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -961,6 +1006,8 @@ def run(args):
     load = meta["load_average_start"]
     if load is not None:
         print(f"load average at start: {load[0]:.2f} (1 min) on {meta['machine']['cpu_count']} CPUs")
+    if meta["busy_warning"]:
+        print(f"WARNING: {meta['busy_warning']}")
     if rows:
         print(format_table(rows))
         print("median: host-inclusive step time; x eager: eager's median / this median (same run); "
@@ -969,9 +1016,11 @@ def run(args):
         print(f"skipped {s['device']} {s['dtype']} {s['size']}: {s['reason']}")
     for r in refused:
         print(f"REFUSED {r['provider']} on {r['device']} {r['dtype']} {r['size']}: {r['reason']}")
+    for e in errors:
+        print(f"ERROR {e['device']} {e['dtype']} {e['size']}: {e['error']}")
 
     os.makedirs(args.out, exist_ok=True)
-    result = {"meta": meta, "results": rows, "refused": refused, "skipped": skipped}
+    result = {"meta": meta, "results": rows, "refused": refused, "skipped": skipped, "errors": errors}
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -980,7 +1029,7 @@ def run(args):
         plot_path = os.path.join(args.out, "bench.png")
         write_plot(rows, plot_path)
         print(f"wrote {plot_path}")
-    return 1 if refused else 0
+    return 1 if refused or errors else 0
 
 
 def main(argv=None):

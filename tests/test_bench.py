@@ -89,8 +89,8 @@ def test_cli_writes_every_field(tmp_path, capsys):
     assert meta["machine"]["cpu_count"] == os.cpu_count()
     assert meta["copy_bandwidth"]["cpu"]["GBps"] > 0
     assert meta["copy_bandwidth"]["cpu"]["bytes_per_copy"] == 2 * (16 << 20)
-    assert {"arguments", "started", "elapsed_s", "config", "load_average_start"} <= set(meta)
-    assert data["refused"] == [] and data["skipped"] == []
+    assert {"arguments", "started", "elapsed_s", "config", "load_average_start", "busy_warning"} <= set(meta)
+    assert data["refused"] == [] and data["skipped"] == [] and data["errors"] == []
 
     rows = data["results"]
     keys = {(r["provider"], r["dtype"], r["mode"]) for r in rows}
