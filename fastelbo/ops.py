@@ -25,6 +25,14 @@ def _loss_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_same_device(op, name, t, ref_name, ref):
+    torch._check(
+        t.device == ref.device,
+        lambda: f"{op}: {name} and {ref_name} must be on the same device, got {name} on "
+                f"{t.device} and {ref_name} on {ref.device}",
+    )
+
+
 def _reduced_loss_like(t, reduction):
     shape = (t.shape[0],) if reduction == _NONE else ()
     return t.new_empty(shape, dtype=_loss_dtype(t.dtype))
@@ -33,6 +41,9 @@ def _reduced_loss_like(t, reduction):
 @torch.library.register_fake("fastelbo::reparameterize_kl")
 def _reparameterize_kl_fake(mu, logvar, eps, generator, num_samples, reduction, free_bits):
     torch._check(mu.dim() >= 1, lambda: "reparameterize_kl: mu must have a batch dimension")
+    _check_same_device("reparameterize_kl", "logvar", logvar, "mu", mu)
+    if eps is not None:
+        _check_same_device("reparameterize_kl", "eps", eps, "mu", mu)
     z_shape = (num_samples, *mu.shape) if num_samples > 1 else mu.shape
     per_sample = mu[0].numel() if free_bits > 0 else 0
     return (
@@ -53,6 +64,7 @@ def _reparameterize_kl_backward_fake(grad_z, grad_kl, mu, logvar, eps, rng_state
 @torch.library.register_fake("fastelbo::gaussian_recon_loss")
 def _gaussian_recon_loss_fake(x_hat, x, reduction, save_grad_unit):
     torch._check(x_hat.dim() >= 1, lambda: "gaussian_recon_loss: x_hat must have a batch dimension")
+    _check_same_device("gaussian_recon_loss", "x", x, "x_hat", x_hat)
     grad_unit = (torch.empty_like(x_hat, memory_format=torch.contiguous_format)
                  if save_grad_unit else x_hat.new_empty((0,)))
     return _reduced_loss_like(x_hat, reduction), grad_unit
@@ -67,23 +79,37 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
 
 
 
-def _refuse_double_backward(name, *grads):
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on the first-order gradients whose own backward raises.
+
+    Its inputs also include the tensors the gradients depend on (the op's inputs and incoming
+    gradients), so that the node sits on every path from the gradients back to them: both
+    `g.sum().backward()` and `torch.autograd.grad(g.sum(), mu)` reach the error instead of
+    silently treating the gradients as constants.
+    """
+
+    @staticmethod
+    def forward(ctx, name, num_grads, *tensors):
+        ctx.name = name
+        return tensors[:num_grads]
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            f"fastelbo: double backward (differentiating the gradients of {ctx.name}) is not "
+            "supported; use fastelbo.reference for higher-order gradients"
+        )
+
+
+def _refuse_double_backward(name, grads, depends_on):
     """First-order gradients are exact; a graph built over them (create_graph=True) would be
-    silently wrong, so differentiating them again raises a clear error instead."""
-    if not torch.is_grad_enabled():
+    silently wrong, so it is routed through _RefuseDoubleBackward instead."""
+    if not torch.is_grad_enabled():  # the usual case: backward without create_graph
         return grads
-    error = torch._C._functions.DelayedError(
-        f"fastelbo: double backward (differentiating the gradients of {name}) is not supported; "
-        "use fastelbo.reference for higher-order gradients",
-        len(grads),
-    )
-    wrapped = []
-    for grad in grads:
-        if grad is not None:
-            grad = grad.detach().requires_grad_()
-        wrapped.append(grad)
-    out = error(*wrapped)
-    return out if isinstance(out, tuple) else (out,)
+    present = [g for g in grads if g is not None]
+    connected = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
+    wrapped = iter(_RefuseDoubleBackward.apply(name, len(present), *present, *connected))
+    return tuple(next(wrapped) if g is not None else None for g in grads)
 
 
 class ReparameterizeKL(torch.autograd.Function):
@@ -114,7 +140,8 @@ class ReparameterizeKL(torch.autograd.Function):
             grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
             ctx.num_samples, ctx.reduction, ctx.free_bits,
         )
-        grad_mu, grad_logvar = _refuse_double_backward("reparameterize_kl", grad_mu, grad_logvar)
+        grad_mu, grad_logvar = _refuse_double_backward(
+            "reparameterize_kl", (grad_mu, grad_logvar), (mu, logvar, grad_z, grad_kl))
         return grad_mu, grad_logvar, None, None, None, None, None
 
 
@@ -154,5 +181,6 @@ class GaussianReconLoss(torch.autograd.Function):
             )
             grad_x = grad_x if need_x else None
         grad_x_hat = grad_x_hat if need_x_hat else None
-        grad_x_hat, grad_x = _refuse_double_backward("gaussian_recon_loss", grad_x_hat, grad_x)
+        grad_x_hat, grad_x = _refuse_double_backward(
+            "gaussian_recon_loss", (grad_x_hat, grad_x), (x_hat, x, grad_loss))
         return grad_x_hat, grad_x, None, None

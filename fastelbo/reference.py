@@ -5,6 +5,8 @@ fastelbo.gaussian_recon_loss, written as ordinary differentiable torch code (aut
 backward). When eps is not given it is drawn with torch.randn, so the draws differ from the fused
 kernels' Philox stream; pass the same eps to both to compare values and gradients.
 """
+import math
+
 import torch
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -23,7 +25,7 @@ def _check_reduction(reduction, function):
 def _reduce(per_element, reduction):
     """per_element: (B, ...) in the compute dtype -> the reduced loss."""
     batch = per_element.shape[0]
-    per_sample = per_element.reshape(batch, -1).sum(dim=1)
+    per_sample = per_element.reshape(batch, math.prod(per_element.shape[1:])).sum(dim=1)
     if reduction == "none":
         return per_sample
     total = per_sample.sum()
@@ -59,7 +61,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
         batch = mu.shape[0]
         if mu.numel() == 0:
             return z, kl_element.sum()
-        position_mean = kl_element.reshape(batch, -1).mean(dim=0)  # kbar_j
+        position_mean = kl_element.reshape(batch, math.prod(mu.shape[1:])).mean(dim=0)  # kbar_j
         floored = torch.clamp(position_mean, min=free_bits).sum()  # the batchmean value
         scale = {"batchmean": 1.0, "sum": float(batch), "mean": batch / mu.numel()}[reduction]
         return z, floored * scale

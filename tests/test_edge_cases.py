@@ -158,14 +158,6 @@ def test_empty_batch(device, reduction, dtype, shape):
         assert g_x_hat.shape == shape and g_x.shape == shape and g_x_hat.dtype == dtype
 
 
-REFERENCE_EMPTY_BUG = (
-    "BUG: fastelbo.reference._reduce reshapes the per-element loss with reshape(batch, -1), which "
-    "raises for an empty batch (B = 0): 'cannot reshape tensor of 0 elements into shape [0, -1]'; "
-    "the oracle must return the identity like the fused ops (use reshape(batch, per_sample))"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=REFERENCE_EMPTY_BUG)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reference_empty_batch(device, reduction):
     """The oracle agrees with the fused ops on an empty batch."""

@@ -76,19 +76,9 @@ def _reparam_cases():
     ]
 
 
-META_DEVICE_BUG = (
-    "BUG: the fake (Meta) implementations registered in fastelbo/ops.py (register_fake) do not "
-    "check devices, and with one input on 'meta' the dispatcher runs them: "
-    "fastelbo.reparameterize_kl(torch.randn(3, 4), torch.randn(3, 4, device='meta')) returns "
-    "uninitialized CPU tensors instead of raising RuntimeError naming the argument (the removed C++ "
-    "Meta kernels ran check_reparameterize_kl / check_gaussian_recon_loss)"
-)
-
-
 def as_params(cases):
     """pytest params; the different-device cases use the meta device (no GPU needed)."""
-    return [pytest.param(c, id=c[0], marks=[pytest.mark.xfail(strict=True, reason=META_DEVICE_BUG)]
-                         if "meta" in c[0] else []) for c in cases]
+    return [pytest.param(c, id=c[0]) for c in cases]
 
 
 REPARAM_CASES = as_params(_reparam_cases())
@@ -195,15 +185,6 @@ def test_backward_ops_check_their_arguments(device):
 
 # ---- double backward ------------------------------------------------------------------------
 
-DOUBLE_BACKWARD_BUG = (
-    "BUG: the backward wraps its gradients in a DelayedError node whose inputs are detached copies "
-    "(fastelbo/ops.py _refuse_double_backward, like torch's once_differentiable), so the error node "
-    "is not connected to mu/logvar/x_hat/x: torch.autograd.grad(g.sum(), inputs) raises 'appears to "
-    "not have been used in the graph' (no mention of double backward), and with allow_unused=True "
-    "silently returns None second derivatives. Only g.sum().backward() reaches the error"
-)
-
-
 def first_order_grads(device, function, output="kl", grad_output=1.0, x_grad=True):
     """First-order gradients built with create_graph=True, and the tensors they came from."""
     a, b = latents(device, dtype=torch.float64)
@@ -237,7 +218,6 @@ def test_double_backward_refused_through_backward(device, function, kwargs):
             (g * g).sum().backward(retain_graph=True)
 
 
-@pytest.mark.xfail(strict=True, reason=DOUBLE_BACKWARD_BUG)
 @pytest.mark.parametrize("function, kwargs", CASES, ids=CASE_IDS)
 def test_double_backward_refused_through_autograd_grad(device, function, kwargs):
     """grad(create_graph=True), then torch.autograd.grad of those gradients w.r.t. the inputs

@@ -128,13 +128,6 @@ def test_gradcheck(device, reduction):
 
 
 LARGE_SHAPE = (3, 16389)
-SUMMATION_BUG = (
-    "BUG: the CPU recon kernel sums each 16384-element task in 8 sequential float32 lanes "
-    "(csrc/cpu/gaussian_recon.cpp, recon_range_sum), less accurate than torch.sum's cascade "
-    "summation; needs blocked/pairwise summation inside a task"
-)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_large_rows_grads(device, reduction, dtype):
@@ -153,11 +146,9 @@ def test_large_rows_grads(device, reduction, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_large_rows_loss_accuracy(device, dtype, request):
+def test_large_rows_loss_accuracy(device, dtype):
     """The reduced loss at rows spanning several CPU tasks, on fresh random inputs (4 draws, every
     reduction), judged like every other value: within 2x the same-dtype plain-PyTorch error."""
-    if device == "cpu" and dtype == torch.float16:
-        request.applymarker(pytest.mark.xfail(reason=SUMMATION_BUG, strict=True))
     failures = []
     for seed in range(4):
         x_hat, x = recon_inputs(LARGE_SHAPE, dtype, device, seed=seed, x_hat_grad=False)
@@ -173,12 +164,10 @@ def test_large_rows_loss_accuracy(device, dtype, request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=dtype_id)
-def test_recon_sum_accuracy_one_large_term(device, dtype, request):
+def test_recon_sum_accuracy_one_large_term(device, dtype):
     """Minimal deterministic case of the summation error: one sample whose first term is ~2^24
     followed by 16383 terms of exactly 0.5 (x_hat - x = 1). Sequential float32 accumulation rounds
     every `2^24 + 0.5` back to 2^24 in the lane holding the big term; torch.sum is exact."""
-    if device == "cpu":
-        request.applymarker(pytest.mark.xfail(reason=SUMMATION_BUG, strict=True))
     n = 16384
     x_hat = torch.ones(1, n, dtype=dtype)
     x_hat[0, 0] = 5792.0  # 0.5 * 5792^2 = 16773632, just below 2^24

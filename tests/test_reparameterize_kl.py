@@ -184,13 +184,6 @@ def test_gradcheck_num_samples_and_free_bits(device, reduction):
 
 # Rows longer than one CPU task (16384 elements), of odd length (tasks start mid Philox group).
 LARGE_SHAPE = (3, 16389)
-SUMMATION_BUG = (
-    "BUG: the CPU KL kernel sums each 16384-element task with one sequential float32 accumulator "
-    "(csrc/cpu/reparameterize_kl.cpp, `sum += kl_i`), up to ~30x less accurate than torch.sum's "
-    "cascade summation; needs blocked/pairwise summation inside a task"
-)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_large_rows_z_and_grads(device, reduction, dtype):
@@ -210,11 +203,9 @@ def test_large_rows_z_and_grads(device, reduction, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_large_rows_kl_accuracy(device, dtype, request):
+def test_large_rows_kl_accuracy(device, dtype):
     """The reduced KL at rows spanning several CPU tasks, on fresh random inputs (4 draws, every
     reduction), judged like every other value: within 2x the same-dtype plain-PyTorch error."""
-    if device == "cpu" and dtype != torch.float64:
-        request.applymarker(pytest.mark.xfail(reason=SUMMATION_BUG, strict=True))
     failures = []
     for seed in range(4):
         mu, logvar, eps = sample_inputs(LARGE_SHAPE, dtype, device, seed=seed, requires_grad=False)
@@ -230,12 +221,10 @@ def test_large_rows_kl_accuracy(device, dtype, request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=dtype_id)
-def test_kl_sum_accuracy_one_large_term(device, dtype, request):
+def test_kl_sum_accuracy_one_large_term(device, dtype):
     """Minimal deterministic case of the summation error: one sample whose first KL term is ~2^24
     followed by 16383 terms of exactly 0.5 (mu = 1, logvar = 0). Sequential float32 accumulation
     rounds every `2^24 + 0.5` back to 2^24 and loses 8191.5; torch.sum (cascade) is exact."""
-    if device == "cpu":
-        request.applymarker(pytest.mark.xfail(reason=SUMMATION_BUG, strict=True))
     n = 16384
     mu = torch.ones(1, n, dtype=dtype)
     mu[0, 0] = 5792.0  # kl = 0.5 * 5792^2 = 16773632, just below 2^24

@@ -25,6 +25,33 @@ constexpr int64_t kChunk = 16384;
 // dominates the small sizes that VAEs on MNIST-like data use).
 constexpr int64_t kMinElementsPerThread = 32768;
 
+// Cascade summation, as torch.sum does on the CPU: values are summed in groups of kFanIn, group
+// sums in groups of kFanIn, and so on, so the rounding error grows like kFanIn * log(n) instead of
+// n. The order is fixed by the sequence of add() calls, so the result is deterministic.
+template <typename acc_t>
+class CascadeSum {
+ public:
+  void add(acc_t value) {
+    level_[0] += value;
+    for (int l = 0; l + 1 < kLevels && ++count_[l] == kFanIn; ++l) {
+      level_[l + 1] += level_[l];
+      level_[l] = 0;
+      count_[l] = 0;
+    }
+  }
+  acc_t sum() const {
+    acc_t total = 0;
+    for (int l = kLevels - 1; l >= 0; --l) total += level_[l];
+    return total;
+  }
+
+ private:
+  static constexpr int kFanIn = 16;
+  static constexpr int kLevels = 6;  // 16^5 values before the top level grows sequentially
+  acc_t level_[kLevels] = {};
+  int count_[kLevels] = {};
+};
+
 class RowChunking {
  public:
   explicit RowChunking(const BatchLayout& layout)

@@ -16,30 +16,36 @@ namespace fastelbo {
 namespace cpu {
 namespace {
 
-// Independent accumulators break the add dependency chain so the compiler can keep several
-// lanes in flight (and vectorize); their combination order is fixed, so the sum is deterministic.
+// Independent lanes break the add dependency chain so the compiler can keep several in flight
+// (and vectorize); each block of kBlock elements is summed lane-wise, the lanes combined in a fixed
+// order, and the block sums cascaded (CascadeSum) for torch.sum-like accuracy. Deterministic.
 constexpr int kLanes = 8;
+constexpr int64_t kBlock = kLanes * 16;
 
 template <typename scalar_t, typename acc_t>
 acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
                       scalar_t* grad_unit, acc_t grad_scale) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t xh = static_cast<acc_t>(x_hat[i + l]), xv = static_cast<acc_t>(x[i + l]);
-      lanes[l] += math::recon_element(xh, xv);
-      if (grad_unit) grad_unit[i + l] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+  CascadeSum<acc_t> total;
+  for (int64_t i = begin; i < end;) {
+    const int64_t block_end = std::min(end, i + kBlock);
+    acc_t lanes[kLanes] = {};
+    for (; i + kLanes <= block_end; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t xh = static_cast<acc_t>(x_hat[i + l]), xv = static_cast<acc_t>(x[i + l]);
+        lanes[l] += math::recon_element(xh, xv);
+        if (grad_unit) grad_unit[i + l] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+      }
     }
+    for (int l = 0; i < block_end; ++i, ++l) {
+      const acc_t xh = static_cast<acc_t>(x_hat[i]), xv = static_cast<acc_t>(x[i]);
+      lanes[l] += math::recon_element(xh, xv);
+      if (grad_unit) grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+    }
+    acc_t block = 0;
+    for (int l = 0; l < kLanes; ++l) block += lanes[l];
+    total.add(block);
   }
-  for (int l = 0; i < end; ++i, ++l) {
-    const acc_t xh = static_cast<acc_t>(x_hat[i]), xv = static_cast<acc_t>(x[i]);
-    lanes[l] += math::recon_element(xh, xv);
-    if (grad_unit) grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
-  }
-  acc_t sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
+  return total.sum();
 }
 
 std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_hat,

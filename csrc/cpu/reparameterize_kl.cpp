@@ -79,10 +79,10 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   if (free_bits <= 0.0) {
     const RowChunking chunking(layout);
     reduce_rows_into<acc_t>(chunking, layout, reduction, scale, kl, [&](int64_t task) {
-      acc_t sum = 0;
+      CascadeSum<acc_t> sum;
       sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
-                                    [&](int64_t, acc_t kl_i) { sum += kl_i; });
-      return sum;
+                                    [&](int64_t, acc_t kl_i) { sum.add(kl_i); });
+      return sum.sum();
     });
     return;
   }
@@ -107,11 +107,11 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   });
   // batchmean value: sum_j max(kbar_j, free_bits); other reductions scale it like the plain sum
   // (sum = B * that, mean = B / numel * that).
-  acc_t floored = 0;
+  CascadeSum<acc_t> floored;
   const acc_t floor_value = static_cast<acc_t>(free_bits);
-  for (int64_t j = 0; j < D; ++j) floored += std::max(position_mean[j], floor_value);
+  for (int64_t j = 0; j < D; ++j) floored.add(std::max(position_mean[j], floor_value));
   kl.data_ptr<acc_t>()[0] =
-      static_cast<acc_t>(static_cast<double>(floored) * static_cast<double>(B) * scale);
+      static_cast<acc_t>(static_cast<double>(floored.sum()) * static_cast<double>(B) * scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(
