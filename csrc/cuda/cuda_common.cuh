@@ -1,0 +1,343 @@
+// Building blocks shared by fastelbo's CUDA kernels: launch shape, 16-byte vector access, the
+// deterministic block reduction, the "last block combines" ticket and its per-stream slots.
+//
+// Determinism. Every reduced result is combined in an order that depends only on the problem size:
+// each thread adds its elements in a fixed order, a block adds its threads with a fixed butterfly
+// (warp shuffles) and then its warps in order, and the block that finishes last (an integer atomic
+// ticket) adds the per-block partials in block order. No floating-point atomics: the same inputs
+// give the same bits on every run, for any interleaving of the blocks.
+//
+// The grid depends only on the problem size (kThreads, kMaxBlocks are constants tuned for the
+// 132-SM H100/H200), never on the device, so the summation order is fixed too.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../elbo_math.h"
+#include "../fastelbo.h"
+
+namespace fastelbo {
+namespace cuda {
+
+// ---- launch shape ---------------------------------------------------------------------------
+
+// Threads per block of every kernel (the "rows" kernels use fewer on short rows: a multiple of 32).
+constexpr int kThreads = 128;
+// Resident blocks per SM the kernels are compiled for (__launch_bounds__): 8 x 128 threads at <= 64
+// registers. double kernels (not a speed target) get 4, so that their libm calls do not spill.
+template <typename scalar_t>
+constexpr int kMinBlocksPerSM = sizeof(scalar_t) == 8 ? 4 : 8;
+// Grid cap of the grid-stride kernels: one wave of 128-thread blocks at 8 blocks per SM on a
+// 132-SM H100/H200 (kernels are built for <= 64 registers per thread so that 8 blocks fit). Large
+// tensors are walked by a grid-stride loop, small ones get one element chunk per thread.
+constexpr int64_t kMaxBlocks = 132 * 8;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for `work` independent items, one item per thread, at most kMaxBlocks (grid-stride beyond).
+inline int64_t flat_blocks(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), kMaxBlocks));
+}
+
+inline bool is_aligned(const void* p, size_t alignment) {
+  return reinterpret_cast<uintptr_t>(p) % alignment == 0;
+}
+
+// ---- vector access --------------------------------------------------------------------------
+
+// Elements per 16-byte access: 4 float, 2 double, 8 half/bfloat16.
+template <typename scalar_t>
+constexpr int kPack = static_cast<int>(16 / sizeof(scalar_t));
+
+// N consecutive elements loaded or stored as one (or, for 32 bytes, two) aligned vector accesses.
+template <typename T, int N>
+struct alignas(N * sizeof(T) >= 16 ? 16 : N * sizeof(T)) Packed {
+  T v[N];
+};
+
+template <typename T, int N>
+constexpr size_t kPackedAlign = alignof(Packed<T, N>);
+
+inline __host__ __device__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Storage -> compute type. For half/bfloat16 straight from the bits (c10's conversion operators
+// take the address of the value, which keeps register arrays in local memory).
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, at::BFloat16>(at::BFloat16 v) {
+  return __uint_as_float(static_cast<uint32_t>(v.x) << 16);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, at::Half>(at::Half v) {
+  return __half2float(__ushort_as_half(v.x));
+}
+
+// N consecutive elements at p, kept in their storage type (half the registers of float for
+// half/bfloat16) and converted at the point of use. kFull: one aligned vector access (the caller
+// checked alignment); else only the first `count` elements are read (the rest are zero).
+template <bool kFull, int N, typename scalar_t>
+__device__ __forceinline__ Packed<scalar_t, N> load_pack(const scalar_t* __restrict__ p, int count) {
+  Packed<scalar_t, N> r;
+  if constexpr (kFull) {
+    r = *reinterpret_cast<const Packed<scalar_t, N>*>(p);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) r.v[e] = e < count ? p[e] : static_cast<scalar_t>(0.0f);
+  }
+  return r;
+}
+
+// Stores N values at p: one aligned vector access when kFull, else only the first `count`.
+template <bool kFull, int N, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_pack(scalar_t* __restrict__ p, const acc_t (&in)[N], int count) {
+  if constexpr (kFull) {
+    Packed<scalar_t, N> v;
+#pragma unroll
+    for (int e = 0; e < N; ++e) v.v[e] = static_cast<scalar_t>(in[e]);
+    *reinterpret_cast<Packed<scalar_t, N>*>(p) = v;
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      if (e < count) p[e] = static_cast<scalar_t>(in[e]);
+    }
+  }
+}
+
+// One element of a tensor of any supported floating dtype (grad_kl, grad_loss: the incoming
+// gradients may come in any float dtype and with any stride, e.g. the stride-0 ones of a sum's
+// backward), converted to acc_t. Read on the device: no host sync, no conversion kernel.
+enum class AnyFloat : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+
+inline AnyFloat any_float_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return AnyFloat::kFloat;
+    case at::kDouble: return AnyFloat::kDouble;
+    case at::kHalf: return AnyFloat::kHalf;
+    case at::kBFloat16: return AnyFloat::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "fastelbo: unsupported gradient dtype ", t);
+  return AnyFloat::kFloat;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_any(const void* p, AnyFloat code, int64_t index) {
+  switch (code) {
+    case AnyFloat::kDouble: return static_cast<acc_t>(static_cast<const double*>(p)[index]);
+    case AnyFloat::kHalf: return static_cast<acc_t>(to_acc<float>(static_cast<const at::Half*>(p)[index]));
+    case AnyFloat::kBFloat16: return static_cast<acc_t>(to_acc<float>(static_cast<const at::BFloat16*>(p)[index]));
+    default: return static_cast<acc_t>(static_cast<const float*>(p)[index]);
+  }
+}
+
+// max(a, b) that propagates a NaN in a, as std::max(a, b) does on the CPU (fmax would drop it).
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_keep_nan(acc_t a, acc_t b) {
+  return a < b ? b : a;
+}
+
+// (row, column) of a flat index in a (batch, per_sample) tensor, advanced without divisions.
+struct RowPos {
+  int64_t row;
+  int64_t col;
+  __device__ __forceinline__ void next(int64_t per_sample) {
+    if (++col == per_sample) {
+      col = 0;
+      ++row;
+    }
+  }
+  // Moves forward by step = step_rows * per_sample + step_cols (step_cols < per_sample).
+  __device__ __forceinline__ void advance(int64_t step_rows, int64_t step_cols, int64_t per_sample) {
+    row += step_rows;
+    col += step_cols;
+    if (col >= per_sample) {
+      col -= per_sample;
+      ++row;
+    }
+  }
+};
+
+__device__ __forceinline__ RowPos row_pos(int64_t index, int64_t per_sample) {
+  const int64_t row = index / per_sample;
+  return RowPos{row, index - row * per_sample};
+}
+
+// ---- deterministic reductions ---------------------------------------------------------------
+
+// Ticket counters per slot (see "ticket slots" below for who uses which slot).
+constexpr unsigned int kTicketSlots = 16384;
+constexpr unsigned int kEagerSlots = 1024;
+
+// The ticket counters of one translation unit: zero-initialized device memory, one instance per
+// device. Internal linkage: each .cu file that includes this header has its own array.
+static __device__ unsigned int ticket_counters[kTicketSlots];
+
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, lane_mask);
+  }
+  return v;
+}
+
+// Sum of v over the block (blockDim.x a multiple of 32), valid in thread 0. Every thread must
+// call it. A fixed butterfly within each warp, then the warps in order: deterministic.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int num_warps = static_cast<int>(blockDim.x >> 5);
+    v = lane < num_warps ? warp_sums[lane] : acc_t(0);
+    v = warp_sum(v);
+  }
+  return v;
+}
+
+// The "last block combines" ticket. After thread 0 of every block has written its partial(s),
+// each block takes a ticket from an integer counter; the block that draws gridDim.x - 1 sees all
+// partials (fence before the ticket in the writers, fence after it in the reader, partials read
+// through L2) and combines them, then resets the counter to 0 for the next launch in its slot.
+// Returns, in every thread, whether this block is the last one. Every thread must call it.
+__device__ __forceinline__ bool take_ticket_is_last(unsigned int* counter) {
+  __shared__ bool is_last;
+  __syncthreads();  // thread 0's partial store comes after the whole block's work
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: this block's partials are visible before the ticket
+    const unsigned int ticket = atomicAdd(counter, 1u);
+    is_last = ticket == gridDim.x - 1;
+    if (is_last) __threadfence();  // acquire: every other block's partials are visible after it
+  }
+  __syncthreads();
+  return is_last;
+}
+
+// Called by thread 0 of the last block once it has read every partial.
+__device__ __forceinline__ void reset_ticket(unsigned int* counter) { *counter = 0u; }
+
+// Partials written by other blocks, read from L2 (never a stale L1 line).
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_partial(const acc_t* p) {
+  return __ldcg(p);
+}
+
+// Sum of every block's value (valid in thread 0) in block order: returns true in thread 0 of
+// exactly one block (the last to finish), with the sum in `total`. One block: no ticket at all.
+// Every thread of every block must call it.
+template <typename acc_t>
+__device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, unsigned int slot,
+                                           acc_t& total) {
+  if (gridDim.x == 1) {
+    total = block_value;
+    return threadIdx.x == 0;
+  }
+  unsigned int* counter = &ticket_counters[slot];
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_value;
+  if (!take_ticket_is_last(counter)) return false;
+  acc_t v = 0;
+  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) v += load_partial(partials + b);
+  v = block_sum(v);
+  if (threadIdx.x != 0) return false;
+  reset_ticket(counter);
+  total = v;
+  return true;
+}
+
+// Per-sample sums of a "rows" kernel: segment s = (sample b, tile c) of `tiles` tiles per sample.
+// With one tile the block that summed a sample writes it; otherwise every segment's sum goes to
+// partials[s] and the last block adds each sample's tiles in order. Call after the segment loop.
+template <typename acc_t>
+__device__ __forceinline__ void finish_rows(acc_t* out, acc_t* partials, int64_t batch, int64_t tiles,
+                                            unsigned int slot) {
+  if (tiles == 1) return;
+  unsigned int* counter = &ticket_counters[slot];
+  if (!take_ticket_is_last(counter)) return;
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    acc_t total = 0;
+    for (int64_t tile = 0; tile < tiles; ++tile) total += load_partial(partials + b * tiles + tile);
+    out[b] = total;
+  }
+  if (threadIdx.x == 0) reset_ticket(counter);
+}
+
+// Where a rows kernel puts the sum of segment s (valid in thread 0).
+template <typename acc_t>
+__device__ __forceinline__ void store_segment(acc_t sum, acc_t* out, acc_t* partials, int64_t s,
+                                              int64_t b, int64_t tiles) {
+  if (threadIdx.x != 0) return;
+  if (tiles == 1) {
+    out[b] = sum;
+  } else {
+    partials[s] = sum;
+  }
+}
+
+// ---- ticket slots ---------------------------------------------------------------------------
+//
+// The ticket counters live in a zero-initialized __device__ array (one per translation unit, so
+// each op has its own; one instance per device, zeroed when the module is loaded): no allocation,
+// no memset, nothing to do at capture time. A launch that uses a ticket (grid > 1 block) gets a
+// slot index as a kernel argument; the last block resets the counter, so it is 0 again for the
+// next launch in that slot. Two launches that could run at the same time must not share a slot:
+//  - eager launches: one slot per (device, stream), assigned on first use under a mutex. Launches
+//    on one stream run one after the other, so they can share it. (Beyond kEagerSlots distinct
+//    streams, streams share slots by hash: only two of them running this op at the same instant
+//    could then collide.)
+//  - launches captured into a CUDA graph: a fresh slot per captured launch, never handed out again,
+//    since a graph may be replayed on any stream, next to eager work on its capture stream. (After
+//    kTicketSlots - kEagerSlots captured launches in one process the graph slots wrap around, with
+//    a warning.)
+inline unsigned int ticket_slot(const c10::cuda::CUDAStream& stream) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int64_t>, unsigned int> eager_slots;
+  static unsigned int next_graph_slot = kEagerSlots;
+
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (status != cudaStreamCaptureStatusNone) {
+    const unsigned int slot = next_graph_slot++;
+    if (next_graph_slot == kTicketSlots) {
+      next_graph_slot = kEagerSlots;
+      TORCH_WARN_ONCE(
+          "fastelbo: more than ", kTicketSlots - kEagerSlots,
+          " launches captured into CUDA graphs; their reduction tickets are reused from now on "
+          "(two graphs that share one must not run at the same time)");
+    }
+    return slot;
+  }
+  const std::pair<int, int64_t> key{static_cast<int>(stream.device_index()), stream.id()};
+  const auto found = eager_slots.find(key);
+  if (found != eager_slots.end()) return found->second;
+  if (eager_slots.size() >= kEagerSlots) {  // out of slots: share one by hash (see above)
+    return static_cast<unsigned int>((static_cast<uint64_t>(stream.id()) * 0x9E3779B97F4A7C15ull) >> 54) %
+           kEagerSlots;
+  }
+  const unsigned int slot = static_cast<unsigned int>(eager_slots.size());
+  eager_slots.emplace(key, slot);
+  return slot;
+}
+
+}  // namespace cuda
+}  // namespace fastelbo

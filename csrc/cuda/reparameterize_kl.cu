@@ -1,0 +1,614 @@
+// CUDA kernels of the fused reparameterized sample + Gaussian KL, forward and backward.
+//
+// Forward, one launch: reads mu and logvar once, draws eps in registers (Philox4x32-10 +
+// Box-Muller from csrc/elbo_math.h, the same counters as the CPU: element i of draw k uses group
+// i / 4, lane i % 4, stream offset + k), writes z for every draw, and reduces the KL in the same
+// kernel (per-block partials combined by the last block, in block order). Three shapes of it:
+//   flat    "sum" / "mean" / "batchmean": the tensor as one flat run of 4- or 8-element chunks;
+//   rows    "none": blocks never straddle two samples, so each per-sample sum has a fixed order;
+//   columns free_bits > 0: per-position batch sums in a fixed order, the per-position means, and
+//           the floored total sum_j max(kbar_j, lam), all in the one launch.
+// Backward, one launch: reads grad_z, mu and logvar, regenerates eps from the saved (seed,
+// offset) and writes grad_mu and grad_logvar.
+//
+// RNG (DESIGN.md section 5): (seed, offset) come from the CUDA generator through
+// philox_cuda_state under the generator's mutex and are unpacked inside the kernel, so that a
+// captured CUDA graph draws anew on every replay (the offset is then read from a device pointer);
+// one thread writes the unpacked pair to rng_state, which the backward reads on the device.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <torch/library.h>
+
+#include <mutex>
+#include <tuple>
+
+#include "cuda_common.cuh"
+
+namespace fastelbo {
+namespace cuda {
+namespace {
+
+// Elements per thread chunk in the flat kernels: one 16-byte access of float (4 = one Philox
+// group), two of double (4 = one group), one of half/bfloat16 (8 = two groups).
+template <typename scalar_t>
+constexpr int kChunk = kPack<scalar_t> > 4 ? kPack<scalar_t> : 4;
+
+// Rows and columns kernels work on windows of 4 consecutive positions of one sample.
+constexpr int kWindow = 4;
+
+template <typename scalar_t>
+struct ForwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  const scalar_t* eps;    // nullptr: draw eps from (seed, offset)
+  scalar_t* z;            // K draws of N elements
+  acc_t* kl;              // (B,) for "none", else one element
+  acc_t* position_mean;   // (D,) when free_bits > 0
+  acc_t* partials;        // per-block (or per row tile) partial sums; unused by a 1-block grid
+  int64_t* rng_state;     // (2,): the unpacked (seed, offset); zeros when eps is given
+  at::PhiloxCudaState philox;
+  int64_t numel;          // N = B * D
+  int64_t batch;          // B
+  int64_t per_sample;     // D
+  int64_t num_samples;    // K
+  double scale;           // reduction_scale()
+  acc_t free_bits;
+  bool vec;               // full chunks / windows may use vector accesses (alignment checked)
+  unsigned int slot;      // ticket slot (see cuda_common.cuh)
+  int64_t tiles_per_row;     // rows kernel: C tiles per sample
+  int64_t windows_per_tile;  // rows kernel
+  int col_windows;           // columns kernel: windows per block row (TW)
+};
+
+// The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
+// they are exactly one Philox group; otherwise they straddle two groups (sample sizes that are not
+// a multiple of 4, in the rows and columns kernels) and both groups are drawn.
+template <bool kGroupAligned, typename acc_t>
+__device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream, int64_t i0, acc_t* out) {
+  const uint64_t group = static_cast<uint64_t>(i0) >> 2;
+  const math::Normal4<acc_t> a = math::normal_group<acc_t>(seed, stream, group);
+  const int shift = kGroupAligned ? 0 : static_cast<int>(i0 & 3);
+  if (shift == 0) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = a.v[l];
+    return;
+  }
+  const math::Normal4<acc_t> b = math::normal_group<acc_t>(seed, stream, group + 1);
+  const acc_t both[8] = {a.v[0], a.v[1], a.v[2], a.v[3], b.v[0], b.v[1], b.v[2], b.v[3]};
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {  // compile-time indices only: stays in registers
+    acc_t v = both[l + 1];
+    if (shift == 2) v = both[l + 2];
+    if (shift == 3) v = both[l + 3];
+    out[l] = v;
+  }
+}
+
+// Writes z for the R elements at i0 (only the first `count` unless kFull) for every draw, and
+// returns their KL values in kl (0 past `count`). kFull: aligned vector accesses.
+template <bool kFull, bool kGroupAligned, int R, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uint64_t seed,
+                                           uint64_t offset, int64_t i0, int count, acc_t (&kl)[R]) {
+  static_assert(R % 4 == 0, "runs cover whole 4-element Philox groups");
+  const Packed<scalar_t, R> mu = load_pack<kFull, R>(p.mu + i0, count);
+  const Packed<scalar_t, R> logvar = load_pack<kFull, R>(p.logvar + i0, count);
+  for (int64_t k = 0; k < p.num_samples; ++k) {
+    acc_t z[R];
+    if (p.eps != nullptr) {
+      const Packed<scalar_t, R> eps = load_pack<kFull, R>(p.eps + k * p.numel + i0, count);
+#pragma unroll
+      for (int e = 0; e < R; ++e) {
+        z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]),
+                                            math::posterior_std(to_acc<acc_t>(logvar.v[e])),
+                                            to_acc<acc_t>(eps.v[e]));
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < R / 4; ++q) {
+        acc_t eps[4];
+        normals4<kGroupAligned>(seed, offset + static_cast<uint64_t>(k), i0 + 4 * q, eps);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          const int e = 4 * q + l;
+          z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]),
+                                              math::posterior_std(to_acc<acc_t>(logvar.v[e])),
+                                              eps[l]);
+        }
+      }
+    }
+    store_pack<kFull, R>(p.z + k * p.numel + i0, z, count);
+  }
+#pragma unroll
+  for (int e = 0; e < R; ++e) {
+    kl[e] = kFull || e < count
+                ? math::kl_element(to_acc<acc_t>(mu.v[e]), to_acc<acc_t>(logvar.v[e]))
+                : acc_t(0);
+  }
+}
+
+// A 4-position window of one sample, at flat index i0 with `count` (1..4) positions in the sample;
+// picks the vector / group-aligned variant. Sample sizes that are a multiple of 4 never have a
+// partial window, so the variants are: vector, scalar aligned (unaligned pointers), scalar
+// straddling (odd sample sizes).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void sample_window(const ForwardParams<scalar_t>& p, uint64_t seed,
+                                              uint64_t offset, int64_t i0, int count,
+                                              acc_t (&kl)[kWindow]) {
+  if (p.vec) {  // implies per_sample % 4 == 0 and aligned pointers
+    sample_run<true, true>(p, seed, offset, i0, count, kl);
+  } else if (p.per_sample % 4 == 0) {
+    sample_run<false, true>(p, seed, offset, i0, count, kl);
+  } else {
+    sample_run<false, false>(p, seed, offset, i0, count, kl);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
+    const ForwardParams<scalar_t>& p) {
+  // eps given: philox is default-constructed, so this unpacks to (0, 0), the documented zeros.
+  const auto seeds = at::cuda::philox::unpack(p.philox);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_state[0] = static_cast<int64_t>(std::get<0>(seeds));
+    p.rng_state[1] = static_cast<int64_t>(std::get<1>(seeds));
+  }
+  return seeds;
+}
+
+// ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    forward_flat_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kChunk<scalar_t>;
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t n = p.numel;
+  const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t sum = 0;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < num_chunks;
+       c += stride) {
+    const int64_t i0 = c * E;
+    acc_t kl[E];
+    if (c < full_chunks) {
+      sample_run<true, true>(p, seed, offset, i0, E, kl);
+    } else {
+      sample_run<false, true>(p, seed, offset, i0, static_cast<int>(min64(E, n - i0)), kl);
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) sum += kl[e];
+  }
+  sum = block_sum(sum);
+  acc_t total;
+  if (grid_total(sum, p.partials, p.slot, total)) {
+    // Scaled in double, as on the CPU: total / B rounded once.
+    p.kl[0] = static_cast<acc_t>(static_cast<double>(total) * p.scale);
+  }
+}
+
+// ---- forward: rows ("none") -----------------------------------------------------------------
+// Segment s = (sample b, tile c) of C tiles per sample; a block sums one segment at a time, in
+// windows of 4 positions. Per-sample sums via store_segment / finish_rows (cuda_common.cuh).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    forward_rows_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t d = p.per_sample, tiles = p.tiles_per_row;
+  const int64_t windows = (d + kWindow - 1) / kWindow;
+  const int64_t segments = p.batch * tiles;
+  for (int64_t s = blockIdx.x; s < segments; s += gridDim.x) {
+    const int64_t b = s / tiles, tile = s - b * tiles;
+    const int64_t w_begin = tile * p.windows_per_tile;
+    const int64_t w_end = min64(w_begin + p.windows_per_tile, windows);
+    acc_t sum = 0;
+    for (int64_t w = w_begin + threadIdx.x; w < w_end; w += blockDim.x) {
+      const int64_t j0 = w * kWindow;
+      acc_t kl[kWindow];
+      sample_window(p, seed, offset, b * d + j0, static_cast<int>(min64(kWindow, d - j0)), kl);
+#pragma unroll
+      for (int e = 0; e < kWindow; ++e) sum += kl[e];
+    }
+    sum = block_sum(sum);
+    store_segment(sum, p.kl, p.partials, s, b, tiles);
+  }
+  finish_rows(p.kl, p.partials, p.batch, tiles, p.slot);
+}
+
+// ---- forward: columns (free bits) -----------------------------------------------------------
+// A block covers col_windows (TW) windows of 4 positions; its threads are TB = blockDim / TW lanes
+// over the batch: lane y adds samples y, y + TB, ... in order, then the TB lane sums of each
+// position are added in lane order, divided by B (kl_position_mean), floored at lam and summed;
+// the blocks' floored sums are combined by the last block. All orders fixed by the shape.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    forward_columns_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t lane_sums[kThreads][kWindow];
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t d = p.per_sample, batch = p.batch;
+  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;
+  const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
+  const int64_t windows = (d + kWindow - 1) / kWindow;
+  const int64_t col_tiles = (windows + tw - 1) / tw;
+  acc_t floored = 0;
+  for (int64_t t = blockIdx.x; t < col_tiles; t += gridDim.x) {
+    const int64_t w = t * tw + x;
+    const int64_t j0 = w * kWindow;
+    const int count = w < windows ? static_cast<int>(min64(kWindow, d - j0)) : 0;
+    acc_t col[kWindow] = {};
+    if (count > 0) {
+      for (int64_t b = y; b < batch; b += tb) {
+        acc_t kl[kWindow];
+        sample_window(p, seed, offset, b * d + j0, count, kl);
+#pragma unroll
+        for (int e = 0; e < kWindow; ++e) col[e] += kl[e];
+      }
+    }
+    __syncthreads();  // the previous tile's lane sums have been read
+#pragma unroll
+    for (int e = 0; e < kWindow; ++e) lane_sums[threadIdx.x][e] = col[e];
+    __syncthreads();
+    if (y == 0) {
+#pragma unroll
+      for (int e = 0; e < kWindow; ++e) {
+        if (e < count) {
+          acc_t column_sum = 0;
+          for (int lane = 0; lane < tb; ++lane) column_sum += lane_sums[lane * tw + x][e];
+          const acc_t mean = column_sum / static_cast<acc_t>(batch);
+          p.position_mean[j0 + e] = mean;
+          floored += max_keep_nan(mean, p.free_bits);
+        }
+      }
+    }
+  }
+  floored = block_sum(floored);
+  acc_t total;
+  if (grid_total(floored, p.partials, p.slot, total)) {
+    // As on the CPU: the batchmean value sum_j max(kbar_j, lam), times B, times the scale.
+    p.kl[0] = static_cast<acc_t>(static_cast<double>(total) * static_cast<double>(batch) * p.scale);
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+template <typename scalar_t>
+struct BackwardParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_z;   // nullptr: z gets no gradient
+  bool grad_z_broadcast;    // grad_z is one value seen through stride-0 dims (a sum's backward)
+  const void* grad_kl;      // nullptr: kl gets no gradient; else read as grad_kl_dtype
+  AnyFloat grad_kl_dtype;
+  bool grad_kl_per_sample;  // "none": grad_kl[b * grad_kl_stride]
+  int64_t grad_kl_stride;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  const scalar_t* eps;         // nullptr: regenerate from rng_state
+  const int64_t* rng_state;    // (seed, offset) on the device
+  const acc_t* position_mean;  // free bits: positions with mean < free_bits get no KL gradient
+  acc_t free_bits;
+  acc_t scale;
+  int64_t numel, per_sample, num_samples;
+  scalar_t* grad_mu;
+  scalar_t* grad_logvar;
+  bool vec;
+};
+
+// Gradients of the E elements of one chunk at i0 (only the first `count` unless kFull). pos: the
+// (sample, position) of i0, used when track_rows.
+template <bool kFull, int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p, uint64_t seed,
+                                               uint64_t offset, acc_t grad_z_all, acc_t grad_kl_all,
+                                               bool track_rows, RowPos pos, int64_t i0, int count) {
+  acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
+  if (p.grad_z != nullptr) {
+    for (int64_t k = 0; k < p.num_samples; ++k) {
+      acc_t g[E];
+      if (p.grad_z_broadcast) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) g[e] = grad_z_all;
+      } else {
+        const Packed<scalar_t, E> raw = load_pack<kFull, E>(p.grad_z + k * p.numel + i0, count);
+#pragma unroll
+        for (int e = 0; e < E; ++e) g[e] = to_acc<acc_t>(raw.v[e]);
+      }
+      if (p.eps != nullptr) {
+        const Packed<scalar_t, E> eps = load_pack<kFull, E>(p.eps + k * p.numel + i0, count);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          grad_z_sum[e] += g[e];
+          grad_z_eps_sum[e] += g[e] * to_acc<acc_t>(eps.v[e]);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q) {
+          acc_t eps[4];
+          normals4<true>(seed, offset + static_cast<uint64_t>(k), i0 + 4 * q, eps);
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            grad_z_sum[4 * q + l] += g[4 * q + l];
+            grad_z_eps_sum[4 * q + l] += g[4 * q + l] * eps[l];
+          }
+        }
+      }
+    }
+  }
+  acc_t grad_kl[E];
+  if (!track_rows) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) grad_kl[e] = grad_kl_all;
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      acc_t g = 0;
+      if (kFull || e < count) {
+        g = p.grad_kl_per_sample
+                ? load_any<acc_t>(p.grad_kl, p.grad_kl_dtype, pos.row * p.grad_kl_stride) * p.scale
+                : grad_kl_all;
+        // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
+        if (p.position_mean != nullptr && p.position_mean[pos.col] < p.free_bits) g = 0;
+      }
+      grad_kl[e] = g;
+      pos.next(p.per_sample);
+    }
+  }
+  const Packed<scalar_t, E> mu = load_pack<kFull, E>(p.mu + i0, count);
+  const Packed<scalar_t, E> logvar = load_pack<kFull, E>(p.logvar + i0, count);
+  acc_t grad_mu[E], grad_logvar[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    grad_mu[e] = math::grad_mu_element(to_acc<acc_t>(mu.v[e]), grad_z_sum[e], grad_kl[e]);
+    grad_logvar[e] = math::grad_logvar_element(to_acc<acc_t>(logvar.v[e]), grad_z_eps_sum[e], grad_kl[e]);
+  }
+  store_pack<kFull, E>(p.grad_mu + i0, grad_mu, count);
+  store_pack<kFull, E>(p.grad_logvar + i0, grad_logvar, count);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    backward_kernel(const BackwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kChunk<scalar_t>;
+  const int64_t n = p.numel, d = p.per_sample;
+  uint64_t seed = 0, offset = 0;
+  if (p.grad_z != nullptr && p.eps == nullptr) {
+    seed = static_cast<uint64_t>(p.rng_state[0]);
+    offset = static_cast<uint64_t>(p.rng_state[1]);
+  }
+  const bool track_rows = p.grad_kl != nullptr && (p.grad_kl_per_sample || p.position_mean != nullptr);
+  const acc_t grad_kl_all = p.grad_kl != nullptr && !p.grad_kl_per_sample
+                                ? load_any<acc_t>(p.grad_kl, p.grad_kl_dtype, 0) * p.scale
+                                : acc_t(0);
+  const acc_t grad_z_all = p.grad_z_broadcast ? to_acc<acc_t>(p.grad_z[0]) : acc_t(0);
+  const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // (sample, position) of the thread's chunk, advanced by the grid stride without divisions.
+  RowPos pos{0, 0};
+  int64_t step_rows = 0, step_cols = 0;
+  if (track_rows && c < num_chunks) {
+    pos = row_pos(c * E, d);
+    step_rows = stride * E / d;
+    step_cols = stride * E - step_rows * d;
+  }
+  for (; c < num_chunks; c += stride) {
+    const int64_t i0 = c * E;
+    if (c < full_chunks) {
+      backward_chunk<true, E>(p, seed, offset, grad_z_all, grad_kl_all, track_rows, pos, i0, E);
+    } else {
+      backward_chunk<false, E>(p, seed, offset, grad_z_all, grad_kl_all, track_rows, pos, i0,
+                               static_cast<int>(min64(E, n - i0)));
+    }
+    if (track_rows) pos.advance(step_rows, step_cols, d);
+  }
+}
+
+// ---- host -----------------------------------------------------------------------------------
+
+bool all_aligned(std::initializer_list<const void*> pointers, size_t alignment) {
+  for (const void* ptr : pointers) {
+    if (ptr != nullptr && !is_aligned(ptr, alignment)) return false;
+  }
+  return true;
+}
+
+int64_t round_up_warp(int64_t v) { return std::max<int64_t>(32, (v + 31) / 32 * 32); }
+
+template <typename scalar_t>
+void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bits,
+                    const at::Tensor& mu, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_options = mu.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t n = p.numel, batch = p.batch, d = p.per_sample, k = p.num_samples;
+  const int64_t windows = ceil_div(d, kWindow);
+  const size_t window_align = kPackedAlign<scalar_t, kWindow>;
+  const bool windows_vec = d % kWindow == 0 && all_aligned({p.mu, p.logvar, p.eps, p.z}, window_align);
+  at::Tensor partials;
+
+  if (free_bits > 0.0) {
+    // Columns: TW windows per block; narrower tiles (more lanes over the batch, more blocks) while
+    // the grid is small and the batch can feed the lanes.
+    int tw = 1;
+    while (tw < 32 && tw < windows) tw *= 2;
+    while (tw > 4 && ceil_div(windows, tw) * 2 <= kMaxBlocks && kThreads / tw < batch) tw /= 2;
+    const int64_t blocks = std::min<int64_t>(ceil_div(windows, tw), kMaxBlocks);
+    p.col_windows = tw;
+    p.vec = windows_vec;
+    if (blocks > 1) {
+      partials = at::empty({blocks}, acc_options);
+      p.partials = partials.data_ptr<acc_t>();
+      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
+    }
+    forward_columns_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+  } else if (reduction == kNone) {
+    const int64_t threads = std::min<int64_t>(kThreads, round_up_warp(windows));
+    int64_t tiles = 1;
+    if (batch < kMaxBlocks) {
+      tiles = std::max<int64_t>(1, std::min(ceil_div(windows, threads), kMaxBlocks / batch));
+    }
+    p.windows_per_tile = ceil_div(windows, tiles);
+    tiles = ceil_div(windows, p.windows_per_tile);  // no empty tile
+    p.tiles_per_row = tiles;
+    p.vec = windows_vec;
+    int64_t blocks = std::min<int64_t>(batch, 4 * kMaxBlocks);
+    if (tiles > 1) {
+      blocks = batch * tiles;  // <= kMaxBlocks
+      partials = at::empty({blocks}, acc_options);
+      p.partials = partials.data_ptr<acc_t>();
+      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
+    }
+    forward_rows_kernel<scalar_t>
+        <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(p);
+  } else {
+    constexpr int E = kChunk<scalar_t>;
+    const int64_t blocks = flat_blocks(ceil_div(n, E));
+    p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, 16) && (k == 1 || n % kPack<scalar_t> == 0);
+    if (blocks > 1) {
+      partials = at::empty({blocks}, acc_options);
+      p.partials = partials.data_ptr<acc_t>();
+      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
+    }
+    forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cuda(
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    std::optional<at::Generator> generator, int64_t num_samples, int64_t reduction,
+    double free_bits) {
+  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  ReparamKLOutputs out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits);
+  const BatchLayout layout = batch_layout(mu);
+  if (layout.numel == 0) {  // empty: the reduction's identity; no draw, no kernel
+    out.kl.zero_();
+    out.kl_position_mean.zero_();
+    out.rng_state.zero_();
+    return {out.z, out.kl, out.rng_state, out.kl_position_mean};
+  }
+
+  at::PhiloxCudaState philox;  // default: unpacks to (0, 0), written as rng_state when eps is given
+  if (!eps.has_value()) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+    TORCH_CHECK(gen->device() == mu.device(), "reparameterize_kl: generator must be on mu's device (",
+                mu.device(), "), got a generator on ", gen->device());
+    // Draw k uses Philox stream offset + k, k < K; torch's CUDA generator wants increments that
+    // are multiples of 4.
+    const uint64_t increment = 4 * static_cast<uint64_t>((num_samples + 3) / 4);
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(increment);
+  }
+
+  const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
+  const at::Tensor eps_c = eps.has_value() ? eps->contiguous() : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardParams<scalar_t> p{};
+    p.mu = mu_c.const_data_ptr<scalar_t>();
+    p.logvar = logvar_c.const_data_ptr<scalar_t>();
+    p.eps = eps_c.defined() ? eps_c.const_data_ptr<scalar_t>() : nullptr;
+    p.z = out.z.data_ptr<scalar_t>();
+    p.kl = out.kl.data_ptr<acc_t>();
+    p.position_mean = free_bits > 0.0 ? out.kl_position_mean.data_ptr<acc_t>() : nullptr;
+    p.partials = nullptr;
+    p.rng_state = out.rng_state.data_ptr<int64_t>();
+    p.philox = philox;
+    p.numel = layout.numel;
+    p.batch = layout.batch;
+    p.per_sample = layout.per_sample;
+    p.num_samples = num_samples;
+    p.scale = reduction_scale(reduction, layout);
+    p.free_bits = static_cast<acc_t>(free_bits);
+    p.slot = 0;
+    launch_forward<scalar_t>(p, reduction, free_bits, mu, stream);
+  });
+  return {out.z, out.kl, out.rng_state, out.kl_position_mean};
+}
+
+// A gradient that is one value seen through stride-0 dims (what the backward of z.sum() hands
+// over): read as that one value instead of materializing it with a copy kernel.
+bool is_broadcast_scalar(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  for (int64_t dim = 0; dim < t.dim(); ++dim) {
+    if (t.size(dim) > 1 && t.stride(dim) != 0) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
+    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
+    const at::Tensor& rng_state, const at::Tensor& kl_position_mean, int64_t num_samples,
+    int64_t reduction, double free_bits) {
+  check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+                                   num_samples, reduction, free_bits);
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  at::Tensor grad_mu = at::empty_like(mu, at::MemoryFormat::Contiguous);
+  at::Tensor grad_logvar = at::empty_like(logvar, at::MemoryFormat::Contiguous);
+  const BatchLayout layout = batch_layout(mu);
+  if (layout.numel == 0) return {grad_mu, grad_logvar};
+
+  const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
+  const bool has_grad_z = grad_z.has_value() && grad_z->defined();
+  const bool has_grad_kl = grad_kl.has_value() && grad_kl->defined();
+  const bool grad_z_broadcast = has_grad_z && is_broadcast_scalar(*grad_z);
+  const at::Tensor grad_z_c = has_grad_z ? (grad_z_broadcast ? *grad_z : grad_z->contiguous()) : at::Tensor();
+  // eps and rng_state matter only for the z gradient.
+  const at::Tensor eps_c = has_grad_z && eps.has_value() ? eps->contiguous() : at::Tensor();
+  const at::Tensor rng_c = rng_state.contiguous();
+  const auto acc_dtype = loss_dtype(mu.scalar_type());
+  at::Tensor position_mean_c;
+  if (free_bits > 0.0 && has_grad_kl) {
+    position_mean_c = kl_position_mean.to(acc_dtype).contiguous();  // no-op for the forward's own
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int E = kChunk<scalar_t>;
+    BackwardParams<scalar_t> p{};
+    p.grad_z = has_grad_z ? grad_z_c.const_data_ptr<scalar_t>() : nullptr;
+    p.grad_z_broadcast = grad_z_broadcast;
+    p.grad_kl = has_grad_kl ? grad_kl->const_data_ptr() : nullptr;
+    p.grad_kl_dtype = has_grad_kl ? any_float_code(grad_kl->scalar_type()) : AnyFloat::kFloat;
+    p.grad_kl_per_sample = has_grad_kl && reduction == kNone;
+    p.grad_kl_stride = p.grad_kl_per_sample ? grad_kl->stride(0) : 0;
+    p.mu = mu_c.const_data_ptr<scalar_t>();
+    p.logvar = logvar_c.const_data_ptr<scalar_t>();
+    p.eps = eps_c.defined() ? eps_c.const_data_ptr<scalar_t>() : nullptr;
+    p.rng_state = rng_c.const_data_ptr<int64_t>();
+    p.position_mean = position_mean_c.defined() ? position_mean_c.const_data_ptr<acc_t>() : nullptr;
+    p.free_bits = static_cast<acc_t>(free_bits);
+    p.scale = static_cast<acc_t>(reduction_scale(reduction, layout));
+    p.numel = layout.numel;
+    p.per_sample = layout.per_sample;
+    p.num_samples = num_samples;
+    p.grad_mu = grad_mu.data_ptr<scalar_t>();
+    p.grad_logvar = grad_logvar.data_ptr<scalar_t>();
+    const bool dense_grad_z = has_grad_z && !grad_z_broadcast;
+    p.vec = all_aligned({p.mu, p.logvar, p.eps, dense_grad_z ? static_cast<const void*>(p.grad_z) : nullptr,
+                         p.grad_mu, p.grad_logvar},
+                        16) &&
+            (num_samples == 1 || layout.numel % kPack<scalar_t> == 0);
+    const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
+    backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastelbo
+
+TORCH_LIBRARY_IMPL(fastelbo, CUDA, m) {
+  m.impl("reparameterize_kl", &fastelbo::cuda::reparameterize_kl_cuda);
+  m.impl("reparameterize_kl_backward", &fastelbo::cuda::reparameterize_kl_backward_cuda);
+}

@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# One check of fastelbo's CUDA kernels on a machine with a GPU (no network needed):
+#   build      pip install -e . with the CUDA kernels (FASTELBO_CUDA=1), for the visible GPU's arch
+#   cpu-import `import fastelbo` and a CPU op with no GPU visible (the CUDA build must not need one)
+#   cuda-tests tests/test_cuda.py (everything but the slow test)
+#   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
+#   racecheck  compute-sanitizer --tool racecheck on the same driver
+#   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
+#   slow       the > 2^31-element test
+#   core-cuda  the rest of the suite's CUDA cases (tests/ -m cuda), with the time that is left
+# Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default
+# 470: the whole script stays under 8 minutes on an H100); a failing step does not stop the others.
+# Logs go to $OUT (default ./gpu_out); the last lines printed are a short table: each step's status,
+# then the fused loss step's kernel time against the byte floor and the issue's targets.
+#
+# Run from the repository root:  bash scripts/gpu_check.sh
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET, MAX_JOBS (default 16),
+#              BENCH_ARGS (extra arguments for fastelbo bench, e.g. "--time-per-case 1").
+set -u
+set -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET=${GPU_CHECK_BUDGET:-470}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+STEPS=()
+STATUS=()
+SECONDS_TAKEN=()
+
+remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# run_step NAME LIMIT_SECONDS COMMAND...: runs COMMAND under timeout (the smaller of LIMIT and the
+# time left in the budget), output to $OUT/NAME.log, and records ok / FAIL(rc) / TIMEOUT / SKIPPED.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local left
+  left=$(remaining)
+  if ((left < 15)); then
+    STEPS+=("$name"); STATUS+=("SKIPPED (budget spent)"); SECONDS_TAKEN+=(0)
+    echo "=== $name: skipped, the budget of ${BUDGET}s is spent"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (limit ${limit}s): $*"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  local took=$(($(date +%s) - t0))
+  local status
+  if ((rc == 0)); then
+    status="ok"
+  elif ((rc == 124 || rc == 137)); then
+    status="TIMEOUT after ${limit}s"
+  else
+    status="FAIL (exit $rc)"
+  fi
+  STEPS+=("$name"); STATUS+=("$status"); SECONDS_TAKEN+=("$took")
+  echo "    $status in ${took}s; last lines of $OUT/$name.log:"
+  tail -n 8 "$OUT/$name.log" | sed 's/^/    | /'
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  command -v nvcc && nvcc --version | tail -n 2
+} > "$OUT/machine.log" 2>&1
+cat "$OUT/machine.log"
+
+ARCH=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+ARCH=${ARCH:-9.0}
+
+# ---- build --------------------------------------------------------------------------------------
+run_step build 240 env FASTELBO_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="$ARCH" \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+
+run_step cpu-import 60 env CUDA_VISIBLE_DEVICES="" "$PYTHON" -c "
+import torch, fastelbo
+assert fastelbo._C.built_with_cuda, 'the extension was built without its CUDA kernels'
+assert not torch.cuda.is_available()
+z, kl = fastelbo.reparameterize_kl(torch.zeros(2, 3), torch.zeros(2, 3))
+print('import fastelbo without a visible GPU: ok, built_with_cuda =', fastelbo._C.built_with_cuda, kl.item())
+"
+
+# ---- tests ----------------------------------------------------------------------------------------
+run_step cuda-tests 120 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -m "not slow" \
+  --junitxml="$OUT/cuda-tests.xml"
+
+# ---- compute-sanitizer ----------------------------------------------------------------------------
+SANITIZER=$(command -v compute-sanitizer)
+if [[ -z "$SANITIZER" ]]; then
+  for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer; do
+    [[ -x "$candidate" ]] && SANITIZER=$candidate && break
+  done
+fi
+cat > "$OUT/sanitizer_driver.py" << 'EOF'
+"""Every kernel variant once, on small inputs (multi-block grids, ragged tails, unaligned views)."""
+import torch
+
+import fastelbo  # noqa: F401
+
+ops = torch.ops.fastelbo
+torch.manual_seed(0)
+
+
+def unaligned(t):
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for shape in ((3, 5), (64, 20), (4, 1030)):
+        mu = torch.randn(shape, device="cuda", dtype=dtype)
+        logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
+        for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
+            for reduction, free_bits in ((0, 0.0), (1, 0.0), (3, 0.3)):
+                for k in (1, 2):
+                    z, kl, rng, pm = ops.reparameterize_kl(m, lv, None, None, k, reduction, free_bits)
+                    grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
+                    ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
+                    ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
+    x_hat = torch.randn(8, 3001, device="cuda", dtype=dtype)
+    x = torch.randn(8, 3001, device="cuda", dtype=dtype)
+    for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :3000], x[:, :3000])):
+        for reduction in range(4):
+            loss, _ = ops.gaussian_recon_loss(xh, xv, reduction, True)
+            ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
+torch.cuda.synchronize()
+print("sanitizer driver: every kernel variant ran")
+EOF
+if [[ -n "$SANITIZER" ]]; then
+  for tool in memcheck racecheck; do
+    run_step "$tool" 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+      "$PYTHON" "$OUT/sanitizer_driver.py"
+  done
+else
+  STEPS+=(memcheck racecheck); STATUS+=("SKIPPED (no compute-sanitizer)" "SKIPPED (no compute-sanitizer)")
+  SECONDS_TAKEN+=(0 0)
+fi
+
+# ---- benchmark ------------------------------------------------------------------------------------
+if ! "$PYTHON" -c "import tqdm" 2> /dev/null; then
+  # fastelbo bench draws a progress bar with tqdm, which the GPU image may lack: a silent stand-in.
+  mkdir -p "$OUT/shim"
+  cat > "$OUT/shim/tqdm.py" << 'EOF'
+"""Stand-in for tqdm (not installed here; see scripts/gpu_check.sh): no progress bar."""
+import sys
+
+
+class tqdm:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+    @staticmethod
+    def write(message, file=None, **kwargs):
+        print(message, file=file or sys.stdout)
+EOF
+  export PYTHONPATH="$OUT/shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+run_step bench 150 "$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 large \
+  --dtypes fp32,bf16 --no-compile --no-plot --no-progress --time-per-case 0.3 --out "$OUT/bench" ${BENCH_ARGS:-}
+
+# ---- the slow test, then the rest of the CUDA suite with the time that is left --------------------
+run_step slow 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -m slow
+run_step core-cuda 600 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests -m "cuda and not slow" \
+  --ignore=tests/test_cuda.py --junitxml="$OUT/core-cuda.xml"
+
+# ---- summary --------------------------------------------------------------------------------------
+{
+  echo
+  echo "fastelbo gpu_check: $(($(date +%s) - START))s in all, logs in $OUT"
+  grep -m 1 -i "nvidia\|h100\|h200" "$OUT/machine.log" | grep -v "^nvcc"
+  printf '%-11s %-28s %s\n' step status seconds
+  for i in "${!STEPS[@]}"; do
+    printf '%-11s %-28s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
+  done
+  for name in cuda-tests slow core-cuda; do
+    [[ -f "$OUT/$name.log" ]] && echo "$name: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/$name.log" | tail -n 1)"
+  done
+  for tool in memcheck racecheck; do
+    [[ -f "$OUT/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.log" | tail -n 1)"
+  done
+  "$PYTHON" - "$OUT/bench/bench.json" << 'EOF'
+import json
+import sys
+
+try:
+    with open(sys.argv[1]) as f:
+        data = json.load(f)
+except (OSError, ValueError) as error:
+    print(f"bench: no results ({error})")
+    sys.exit(0)
+copy = data["meta"].get("copy_bandwidth", {}).get("cuda", {}).get("GBps") or float("nan")
+print(f"bench (fwd+bwd, GPU {data['meta']['machine'].get('gpu')}, copy {copy:.0f} GB/s): kernel us = summed "
+      "device time per loss step; ours = fastelbo kernels per step")
+print(f"{'size':<11} {'dtype':<5} {'floor us':>8} {'kernel us':>9} {'x floor':>7} {'ours':>4} {'all':>4} "
+      f"{'eager us':>8} {'step us':>8} {'x eager':>7}  target")
+rows = [r for r in data["results"] if r["mode"] == "fwd+bwd"]
+eager = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "eager"}
+for r in rows:
+    if r["provider"] != "fastelbo":
+        continue
+    kernel = r.get("kernel_time_us")
+    ours = sum(v for k, v in (r.get("kernel_names") or {}).items() if "fastelbo" in k)
+    ratio = kernel / r["floor_us"] if kernel else float("nan")
+    e = eager.get((r["size"], r["dtype"]))
+    target = {"large": f"kernel <= 1.15x floor: {'met' if ratio <= 1.15 else 'MISSED'}",
+              "ldm-ae-256": (f"fp32 kernel <= 12 us: {'met' if kernel and kernel <= 12 else 'MISSED'}"
+                             if r["dtype"] == "fp32" else ""),
+              "mnist-mlp": f"<= 4 kernels, <= 8 us: {'met' if ours <= 4 and kernel and kernel <= 8 else 'MISSED'}"
+              }.get(r["size"], "")
+    print(f"{r['size']:<11} {r['dtype']:<5} {r['floor_us']:8.1f} {kernel or float('nan'):9.1f} {ratio:7.2f} "
+          f"{ours:4.0f} {r.get('kernels_per_step') or 0:4.0f} "
+          f"{(e or {}).get('kernel_time_us') or float('nan'):8.1f} {r['median_us']:8.1f} "
+          f"{r.get('speedup_vs_eager') or float('nan'):7.2f}  {target}")
+for item in data.get("refused", []) + data.get("errors", []):
+    print("bench problem:", item)
+EOF
+} 2>&1 | tee "$OUT/summary.txt"
+
+for status in "${STATUS[@]}"; do
+  [[ "$status" == ok ]] || exit 1
+done
+exit 0

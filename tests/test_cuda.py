@@ -1,0 +1,545 @@
+"""CUDA-specific checks of the fused kernels (csrc/cuda/), beyond the device-parametrized suite.
+
+- one (seed, offset) gives the same eps on the CPU and on CUDA (every forward kernel shape: flat,
+  rows for "none", columns for free bits; odd sample sizes; several draws), and the CUDA backward
+  regenerates it;
+- CPU and CUDA kernels agree on values and gradients (eps given), including unaligned inputs,
+  stride-0 incoming gradients and odd sizes;
+- a captured CUDA graph of a whole forward+backward step replays like eager after re-seeding,
+  and its replays draw anew;
+- bit-identical results over repeated runs (deterministic in-kernel reductions);
+- every output element written (outputs land in memory poisoned with NaN);
+- concurrent launches on two streams (separate reduction tickets);
+- at most 4 kernel launches per loss step;
+- a tensor of more than 2^31 elements (slow; run by scripts/gpu_check.sh);
+- a non-default device, and generator=.
+
+Skipped, with the reason, where there is no GPU or fastelbo was built without its CUDA kernels.
+"""
+import pytest
+import torch
+
+import fastelbo
+from fastelbo import reference
+
+from conftest import CUDA_SKIP_REASON
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON),
+    pytest.mark.skipif(
+        not fastelbo._C.built_with_cuda,
+        reason="fastelbo was built without its CUDA kernels (FASTELBO_CUDA=0 or no nvcc at build time)",
+    ),
+]
+
+ops = torch.ops.fastelbo
+RED = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+# Same-dtype agreement of two implementations of the same formulas (FMA contraction and libm
+# differences on CUDA, summation order), per compared dtype: (atol, rtol).
+AGREE = {
+    torch.float64: (1e-12, 1e-11),
+    torch.float32: (1e-5, 2e-5),
+    torch.bfloat16: (1e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def assert_agree(actual, expected, name=""):
+    atol, rtol = AGREE[expected.dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def randn(shape, dtype=torch.float32, device="cuda", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def eps_from_cpu(rng_state, shape, num_samples, dtype=torch.float32):
+    """The eps of (seed, offset) = rng_state, computed by the CPU kernel: the backward with mu = 0,
+    logvar = 0, grad_z one-hot in draw k gives grad_logvar = eps_k / 2 (exactly)."""
+    mu = torch.zeros(shape, dtype=dtype)
+    z_shape = (num_samples, *shape) if num_samples > 1 else tuple(shape)
+    draws = []
+    for k in range(num_samples):
+        grad_z = torch.zeros(z_shape, dtype=dtype)
+        if num_samples > 1:
+            grad_z[k] = 1
+        else:
+            grad_z.fill_(1)
+        _, grad_logvar = ops.reparameterize_kl_backward(
+            grad_z, None, mu, mu, None, rng_state.cpu(), torch.empty(0, dtype=dtype), num_samples, RED["sum"], 0.0)
+        draws.append(2 * grad_logvar)
+    return torch.stack(draws) if num_samples > 1 else draws[0]
+
+
+# ---- one (seed, offset), one eps on both devices ---------------------------------------------
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("kernel", ["flat", "rows", "columns"])
+@pytest.mark.parametrize("shape", [(4, 8), (5, 7), (3, 1001), (2, 3, 5, 7), (9, 16389)],
+                         ids=["4x8", "5x7", "3x1001", "2x3x5x7", "9x16389"])
+def test_forward_eps_matches_cpu(shape, kernel, num_samples):
+    """mu = 0, logvar = 0: z = eps exactly. Each forward kernel shape (flat for "sum", rows for
+    "none", columns for free bits), including sample sizes that are not a multiple of 4 (windows
+    straddling Philox groups), draws the eps the CPU kernel computes for the same (seed, offset)."""
+    reduction, free_bits = {"flat": ("sum", 0.0), "rows": ("none", 0.0), "columns": ("batchmean", 0.5)}[kernel]
+    mu = torch.zeros(shape, device="cuda")
+    z, kl, rng_state, _ = ops.reparameterize_kl(mu, mu, None, None, num_samples, RED[reduction], free_bits)
+    assert rng_state.device.type == "cuda" and rng_state.dtype == torch.int64
+    expected = eps_from_cpu(rng_state, shape, num_samples)
+    torch.testing.assert_close(z.cpu(), expected, atol=1e-6, rtol=1e-6)
+    assert 0.5 < z.std().item() < 2.0  # not a constant
+
+
+def test_backward_eps_matches_cpu_for_one_seed():
+    """A chosen (seed, offset), no forward: grad_z = 1, grad_kl None, mu = 0, logvar = 0 gives
+    grad_logvar = eps / 2 on both devices (the issue's CPU-vs-CUDA check, 1e-6 relative)."""
+    shape = (7, 1029)
+    rng_state = torch.tensor([0x1234_5678_9ABC_DEF0 - 2**63, 12], dtype=torch.int64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        mu = torch.zeros(shape, device=device)
+        _, grad_logvar = ops.reparameterize_kl_backward(
+            torch.ones(shape, device=device), None, mu, mu, None, rng_state.to(device),
+            torch.empty(0, device=device), 1, RED["sum"], 0.0)
+        results[device] = grad_logvar.cpu()
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=1e-6, rtol=1e-6)
+    assert results["cpu"].std().item() > 0.25
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("shape", [(6, 20), (3, 13)], ids=["6x20", "3x13"])
+def test_cuda_backward_regenerates_cuda_forward_eps(shape, num_samples):
+    mu = torch.zeros(shape, device="cuda")
+    z, _, rng_state, _ = ops.reparameterize_kl(mu, mu, None, None, num_samples, RED["sum"], 0.0)
+    for k in range(num_samples):
+        grad_z = torch.zeros_like(z)
+        if num_samples > 1:
+            grad_z[k] = 1
+        else:
+            grad_z.fill_(1)
+        _, grad_logvar = ops.reparameterize_kl_backward(
+            grad_z, None, mu, mu, None, rng_state, torch.empty(0, device="cuda"), num_samples, RED["sum"], 0.0)
+        eps = z[k] if num_samples > 1 else z
+        torch.testing.assert_close(2 * grad_logvar, eps, atol=0, rtol=0)
+
+
+def test_eps_given_writes_zero_rng_state():
+    mu = randn((4, 9))
+    out = ops.reparameterize_kl(mu, mu, randn((4, 9), seed=1), None, 1, RED["sum"], 0.0)
+    assert out[2].tolist() == [0, 0]
+
+
+# ---- CPU and CUDA kernels agree (eps given) ---------------------------------------------------
+
+def _offset_view(t, offset):
+    """The same values in a tensor whose data starts `offset` elements into its storage (not
+    16-byte aligned for offset 1): exercises the scalar paths."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+CASES = [
+    # (shape, reduction, free_bits, num_samples)
+    ((128, 20), "batchmean", 0.0, 1),
+    ((128, 20), "none", 0.0, 1),
+    ((128, 20), "sum", 0.1, 1),
+    ((5, 7), "mean", 0.0, 3),
+    ((5, 7), "none", 0.0, 2),
+    ((5, 7), "sum", 0.4, 2),
+    ((3, 16389), "batchmean", 0.0, 1),
+    ((3, 16389), "none", 0.0, 1),
+    ((3, 16389), "batchmean", 0.6, 1),
+    ((70, 4096), "sum", 0.0, 1),
+    ((2, 300000), "none", 0.0, 1),
+    ((1500, 6), "none", 0.0, 1),
+    ((1, 1), "sum", 0.0, 1),
+]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape,reduction,free_bits,num_samples", CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-fb{c[2]}-K{c[3]}" for c in CASES])
+def test_reparameterize_kl_cuda_matches_cpu(shape, reduction, free_bits, num_samples, dtype, aligned):
+    z_shape = (num_samples, *shape) if num_samples > 1 else shape
+    mu = randn(shape, dtype, "cpu", seed=1)
+    logvar = randn(shape, dtype, "cpu", seed=2, scale=0.7)
+    eps = randn(z_shape, dtype, "cpu", seed=3)
+    grad_z = randn(z_shape, dtype, "cpu", seed=4)
+    grad_kl = (randn((shape[0],), torch.float32, "cpu", seed=5) if reduction == "none"
+               else torch.tensor(1.7, dtype=torch.float32))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        args = [t.to(device) for t in (mu, logvar, eps, grad_z, grad_kl)]
+        if device == "cuda" and not aligned:
+            args = [_offset_view(t, 1) for t in args]
+        m, lv, e, gz, gk = args
+        z, kl, rng, pm = ops.reparameterize_kl(m, lv, e, None, num_samples, RED[reduction], free_bits)
+        gm, glv = ops.reparameterize_kl_backward(gz, gk, m, lv, e, rng, pm, num_samples, RED[reduction], free_bits)
+        outs[device] = (z, kl, pm, gm, glv)
+    for name, a, b in zip(("z", "kl", "kl_position_mean", "grad_mu", "grad_logvar"), outs["cuda"], outs["cpu"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_agree(a, b, name)
+
+
+@pytest.mark.parametrize("save_grad_unit", [False, True])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("shape", [(128, 784), (8, 3, 17, 19), (3, 300007), (2000, 5), (1, 3)],
+                         ids=["128x784", "8x3x17x19", "3x300007", "2000x5", "1x3"])
+def test_gaussian_recon_cuda_matches_cpu(shape, reduction, dtype, aligned, save_grad_unit):
+    x_hat = randn(shape, dtype, "cpu", seed=1)
+    x = randn(shape, dtype, "cpu", seed=2)
+    grad = (randn((shape[0],), torch.float32, "cpu", seed=3) if reduction == "none"
+            else torch.tensor(0.8, dtype=torch.float32))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        args = [t.to(device) for t in (x_hat, x, grad)]
+        if device == "cuda" and not aligned:
+            args = [_offset_view(t, 1) for t in args]
+        xh, xv, g = args
+        loss, grad_unit = ops.gaussian_recon_loss(xh, xv, RED[reduction], save_grad_unit)
+        gxh, gx = ops.gaussian_recon_loss_backward(g, xh, xv, RED[reduction], True, True)
+        outs[device] = (loss, grad_unit, gxh, gx)
+    for name, a, b in zip(("loss", "grad_unit", "grad_x_hat", "grad_x"), outs["cuda"], outs["cpu"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_agree(a, b, name)
+
+
+def test_stride_zero_incoming_gradients():
+    """z.sum() and kl.sum() hand the backward stride-0 (expanded) gradients; they are read in
+    place (no copy kernel) and must give what dense gradients give."""
+    mu, logvar, eps = (randn((6, 33), seed=s).requires_grad_(s < 2) for s in range(3))
+    x_hat, x = randn((6, 50), seed=5).requires_grad_(), randn((6, 50), seed=6)
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="none")
+    rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction="none")
+    (z.sum() + kl.sum() + rec.sum()).backward()
+    mu2, logvar2, x_hat2 = (t.detach().clone().requires_grad_() for t in (mu, logvar, x_hat))
+    z2, kl2 = fastelbo.reparameterize_kl(mu2, logvar2, eps=eps, reduction="none")
+    rec2 = fastelbo.gaussian_recon_loss(x_hat2, x, reduction="none")
+    torch.autograd.backward((z2, kl2, rec2), (torch.ones_like(z2), torch.ones_like(kl2), torch.ones_like(rec2)))
+    for a, b in ((mu.grad, mu2.grad), (logvar.grad, logvar2.grad), (x_hat.grad, x_hat2.grad)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float64, torch.bfloat16])
+def test_incoming_gradient_of_another_dtype(grad_dtype):
+    """The incoming gradients are read in their own dtype on the device (no conversion kernel)."""
+    mu, logvar, eps = (randn((4, 12), seed=s) for s in range(3))
+    for reduction in ("none", "sum"):
+        gk = randn((4,), grad_dtype, seed=9) if reduction == "none" else torch.tensor(1.25, dtype=grad_dtype, device="cuda")
+        _, _, rng, pm = ops.reparameterize_kl(mu, logvar, eps, None, 1, RED[reduction], 0.0)
+        got = ops.reparameterize_kl_backward(None, gk, mu, logvar, eps, rng, pm, 1, RED[reduction], 0.0)
+        want = ops.reparameterize_kl_backward(None, gk.float(), mu, logvar, eps, rng, pm, 1, RED[reduction], 0.0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        gx = ops.gaussian_recon_loss_backward(gk, mu, logvar, RED[reduction], True, False)[0]
+        gx32 = ops.gaussian_recon_loss_backward(gk.float(), mu, logvar, RED[reduction], True, False)[0]
+        torch.testing.assert_close(gx, gx32, atol=0, rtol=0)
+
+
+# ---- CUDA graphs ----------------------------------------------------------------------------
+
+def _loss_step(mu, logvar, x_hat, x, w, free_bits=0.0, num_samples=1):
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, free_bits=free_bits, num_samples=num_samples)
+    rec = fastelbo.gaussian_recon_loss(x_hat, x)
+    loss = rec + kl + (z * w).sum()
+    grads = torch.autograd.grad(loss, (mu, logvar, x_hat))
+    return (z.detach(), kl.detach(), rec.detach(), *grads)
+
+
+@pytest.mark.parametrize("free_bits,num_samples", [(0.0, 1), (0.3, 2)], ids=["plain", "freebits-K2"])
+def test_cuda_graph_replay_matches_eager_and_redraws(free_bits, num_samples):
+    B, D, Z = 64, 3000, 257  # several blocks per kernel: the reduction tickets are exercised
+    mu, logvar = randn((B, Z), seed=1).requires_grad_(), randn((B, Z), seed=2, scale=0.5).requires_grad_()
+    x_hat, x = randn((B, D), seed=3).requires_grad_(), randn((B, D), seed=4)
+    w = randn((num_samples, B, Z) if num_samples > 1 else (B, Z), seed=5)
+
+    def step():
+        return _loss_step(mu, logvar, x_hat, x, w, free_bits, num_samples)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+
+    torch.manual_seed(1234)
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append([t.clone() for t in static_out])
+    torch.manual_seed(1234)
+    eager = [step() for _ in range(3)]
+    torch.cuda.synchronize()
+    for r, e in zip(replays, eager):
+        for a, b in zip(r, e):
+            assert torch.equal(a, b), "graph replay differs from eager after the same manual_seed"
+    assert not torch.equal(replays[0][0], replays[1][0]), "two replays drew the same eps"
+    assert not torch.equal(replays[1][0], replays[2][0])
+    assert not torch.equal(replays[0][4], replays[1][4])  # grad_logvar follows the draw
+
+
+# ---- determinism, poisoned outputs, streams ----------------------------------------------------
+
+def _full_step_outputs(seed, shapes, dtype, reduction, free_bits):
+    (B, Z), (_, D) = shapes
+    mu = randn((B, Z), dtype, seed=1).requires_grad_()
+    logvar = randn((B, Z), dtype, seed=2, scale=0.5).requires_grad_()
+    x_hat, x = randn((B, D), dtype, seed=3).requires_grad_(), randn((B, D), dtype, seed=4)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, free_bits=free_bits, generator=g)
+    rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+    weights = randn(z.shape, dtype, seed=6)
+    torch.autograd.backward((z, kl, rec), (weights, torch.ones_like(kl) * 0.7, torch.ones_like(rec) * 1.3))
+    return [t.detach() for t in (z, kl, rec, mu.grad, logvar.grad, x_hat.grad)]
+
+
+RUN_CASES = [("sum", 0.0), ("none", 0.0), ("batchmean", 0.2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("reduction,free_bits", RUN_CASES, ids=[f"{r}-fb{f}" for r, f in RUN_CASES])
+def test_bit_identical_over_runs(reduction, free_bits, dtype):
+    shapes = ((48, 5003), (48, 40001))  # many blocks, ragged tails
+    first = _full_step_outputs(7, shapes, dtype, reduction, free_bits)
+    for _ in range(3):
+        again = _full_step_outputs(7, shapes, dtype, reduction, free_bits)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), "results changed between identical runs"
+
+
+def _poison_cuda_cache():
+    """Fill the caching allocator's free blocks (large and small pools) with NaN: outputs allocated
+    next reuse them, so an element a kernel forgets to write stays NaN."""
+    big = [torch.full((2**24,), float("nan"), device="cuda") for _ in range(4)]  # 4 x 64 MiB
+    small = [torch.full((2**16,), float("nan"), device="cuda") for _ in range(64)]  # 64 x 256 KiB
+    tiny = [torch.full((64,), float("nan"), device="cuda") for _ in range(256)]
+    del big, small, tiny
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("reduction,free_bits", RUN_CASES + [("mean", 0.0)], ids=[f"{r}-fb{f}" for r, f in RUN_CASES + [("mean", 0.0)]])
+@pytest.mark.parametrize("shapes", [((128, 20), (128, 784)), ((33, 4097), (33, 20001)), ((3, 5), (3, 7))],
+                         ids=["mnist", "ragged", "tiny"])
+def test_every_output_element_written(shapes, reduction, free_bits, dtype):
+    (B, Z), (_, D) = shapes
+    mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.5)
+    x_hat, x = randn((B, D), dtype, seed=3), randn((B, D), dtype, seed=4)
+    code = RED[reduction]
+    for num_samples in (1, 2):
+        torch.cuda.synchronize()
+        _poison_cuda_cache()
+        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, free_bits)
+        grad_kl = torch.ones_like(kl)
+        _poison_cuda_cache()
+        gm, glv = ops.reparameterize_kl_backward(torch.ones_like(z), grad_kl, mu, logvar, None, rng, pm,
+                                                 num_samples, code, free_bits)
+        for name, t in (("z", z), ("kl", kl), ("kl_position_mean", pm), ("grad_mu", gm), ("grad_logvar", glv)):
+            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+    for save in (False, True):
+        _poison_cuda_cache()
+        loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, save)
+        _poison_cuda_cache()
+        gxh, gx = ops.gaussian_recon_loss_backward(torch.ones_like(loss), x_hat, x, code, True, True)
+        for name, t in (("loss", loss), ("grad_unit", grad_unit), ("grad_x_hat", gxh), ("grad_x", gx)):
+            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+
+def test_concurrent_streams_get_separate_tickets():
+    """Two streams running the reduced ops at the same time (each reduction ticket counter is per
+    stream): both get the results of a serial run."""
+    a = [randn((64, 100003), seed=s) for s in (1, 2)]
+    b = [randn((64, 100003), seed=s) for s in (3, 4)]
+    want_a = ops.gaussian_recon_loss(a[0], a[1], RED["sum"], False)[0]
+    want_b = ops.gaussian_recon_loss(b[0], b[1], RED["sum"], False)[0]
+    want_kl = ops.reparameterize_kl(a[0], b[0], a[1], None, 1, RED["sum"], 0.0)[1]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = {0: [], 1: []}
+    for _ in range(20):
+        with torch.cuda.stream(streams[0]):
+            got[0].append(ops.gaussian_recon_loss(a[0], a[1], RED["sum"], False)[0])
+            got[0].append(ops.reparameterize_kl(a[0], b[0], a[1], None, 1, RED["sum"], 0.0)[1])
+        with torch.cuda.stream(streams[1]):
+            got[1].append(ops.gaussian_recon_loss(b[0], b[1], RED["sum"], False)[0])
+            got[1].append(ops.reparameterize_kl(a[0], b[0], a[1], None, 1, RED["sum"], 0.0)[1])
+    torch.cuda.synchronize()
+    for i in range(0, 40, 2):
+        assert torch.equal(got[0][i], want_a) and torch.equal(got[1][i], want_b)
+        assert torch.equal(got[0][i + 1], want_kl) and torch.equal(got[1][i + 1], want_kl)
+
+
+def _cuda_kernel_names(fn):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_ops_launch_one_kernel_each():
+    """The four ops called directly: exactly 4 device activities in all (no memset, fill, copy or
+    separate reduction kernel next to them), for each forward kernel shape."""
+    B, D, Z = 128, 784, 20
+    mu, logvar = randn((B, Z), seed=1), randn((B, Z), seed=2)
+    x_hat, x = randn((B, D), seed=3), randn((B, D), seed=4)
+    for reduction, free_bits in (("batchmean", 0.0), ("none", 0.0), ("sum", 0.5)):
+        code = RED[reduction]
+        grad_z = randn((B, Z), seed=5)
+        grad_loss = torch.ones(B if reduction == "none" else (), device="cuda")
+
+        def step():
+            z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, 1, code, free_bits)
+            ops.gaussian_recon_loss(x_hat, x, code, False)
+            ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, code, True, False)
+            ops.reparameterize_kl_backward(grad_z, grad_loss, mu, logvar, None, rng, pm, 1, code, free_bits)
+
+        names = _cuda_kernel_names(step)
+        assert len(names) == 4 and all("fastelbo" in n for n in names), f"{reduction}: {names}"
+
+
+def test_at_most_four_kernels_per_step():
+    """Forward + backward of the sample+KL and the reconstruction through autograd: 4 fastelbo
+    kernels (the rest is autograd's own: the loss sum and its seed gradient)."""
+    B, D, Z = 128, 784, 20
+    mu, logvar = randn((B, Z), seed=1).requires_grad_(), randn((B, Z), seed=2).requires_grad_()
+    x_hat, x = randn((B, D), seed=3).requires_grad_(), randn((B, D), seed=4)
+    grad_z = randn((B, Z), seed=5)
+
+    def step():
+        z, kl = fastelbo.reparameterize_kl(mu, logvar)
+        rec = fastelbo.gaussian_recon_loss(x_hat, x)
+        torch.autograd.backward((rec + kl, z), (None, grad_z))
+
+    names = _cuda_kernel_names(step)
+    ours = [n for n in names if "fastelbo" in n]
+    assert len(ours) == 4, f"expected 4 fastelbo kernels, got {ours} (all: {names})"
+
+
+# ---- > 2^31 elements ------------------------------------------------------------------------
+
+def _chunks(n, size=2**27):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """bf16 tensors of 2^31 + 1 elements (4 GiB each; about 22 GiB at the peak): 64-bit indexing
+    in every kernel, checked at the end of the tensor and in the reductions."""
+    need = 24 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs about {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    shape = (3, 715827883)  # 2^31 + 1 elements, odd sample size
+    n = shape[0] * shape[1]
+    assert n > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x_hat = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=g)
+    x = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=g)
+    flat_xh, flat_x = x_hat.view(-1), x.view(-1)
+    per_sample = torch.zeros(shape[0], dtype=torch.float64)
+    for b in range(shape[0]):
+        for sl in _chunks(shape[1]):
+            d = x_hat[b, sl].double() - x[b, sl].double()
+            per_sample[b] += 0.5 * (d * d).sum().item()
+    loss_sum = ops.gaussian_recon_loss(x_hat, x, RED["sum"], False)[0]
+    loss_none = ops.gaussian_recon_loss(x_hat, x, RED["none"], False)[0]
+    torch.testing.assert_close(loss_sum.double().cpu(), per_sample.sum(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss_none.double().cpu(), per_sample, rtol=1e-4, atol=0)
+    grad_x_hat, _ = ops.gaussian_recon_loss_backward(torch.tensor(1.0, device="cuda"), x_hat, x, RED["sum"], True, False)
+    for sl in (slice(0, 2**20), slice(2**31 - 2**20, n)):  # both ends, the tail past 2^31
+        want = (flat_xh[sl].float() - flat_x[sl].float()).to(torch.bfloat16)
+        assert torch.equal(grad_x_hat.view(-1)[sl], want)
+    del grad_x_hat, loss_sum, loss_none
+
+    mu, logvar = x_hat, x.mul_(0.5)  # reuse the memory: mu in [-1, 1], logvar in [-0.5, 0.5]
+    kl_want = 0.0
+    for sl in _chunks(n):
+        m, lv = mu.view(-1)[sl].double(), logvar.view(-1)[sl].double()
+        kl_want += 0.5 * (m * m + torch.expm1(lv) - lv).sum().item()
+    z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, 1, RED["sum"], 0.0)
+    torch.testing.assert_close(kl.double().cpu(), torch.tensor(kl_want, dtype=torch.float64), rtol=1e-4, atol=0)
+    tail = slice(n - 2**22, n)
+    eps_tail = (z.view(-1)[tail].float() - mu.view(-1)[tail].float()) / torch.exp(0.5 * logvar.view(-1)[tail].float())
+    assert abs(eps_tail.mean().item()) < 0.01 and abs(eps_tail.std().item() - 1) < 0.02
+    del z
+    grad_mu, grad_logvar = ops.reparameterize_kl_backward(None, torch.tensor(1.0, device="cuda"), mu, logvar, None,
+                                                          rng, pm, 1, RED["sum"], 0.0)
+    for sl in (slice(0, 2**20), tail):
+        assert torch.equal(grad_mu.view(-1)[sl], mu.view(-1)[sl])
+        want = (0.5 * torch.expm1(logvar.view(-1)[sl].float())).to(torch.bfloat16)
+        torch.testing.assert_close(grad_logvar.view(-1)[sl], want, atol=0, rtol=1e-2)
+
+
+# ---- devices and generators -----------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 GPUs")
+def test_non_default_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (device guard, that
+    device's stream and generator) and give what cuda:0 gives."""
+    torch.cuda.set_device(0)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        mu = randn((16, 300), device=device, seed=1).requires_grad_()
+        logvar = randn((16, 300), device=device, seed=2).requires_grad_()
+        x_hat, x = randn((16, 999), device=device, seed=3).requires_grad_(), randn((16, 999), device=device, seed=4)
+        g = torch.Generator(device=device).manual_seed(11)
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, generator=g, reduction="none")
+        rec = fastelbo.gaussian_recon_loss(x_hat, x)
+        (rec + kl.sum() + z.pow(2).sum()).backward()
+        assert z.device == torch.device(device) and kl.device == torch.device(device)
+        results.append([t.detach().cpu() for t in (z, kl, rec, mu.grad, logvar.grad, x_hat.grad)])
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    mu = randn((4, 4), device="cuda:1")
+    with pytest.raises(RuntimeError, match="generator"):
+        fastelbo.reparameterize_kl(mu, mu, generator=torch.Generator(device="cuda:0"))
+
+
+def test_generator_argument():
+    mu, logvar = randn((8, 77), seed=1), randn((8, 77), seed=2)
+    torch.manual_seed(0)
+    state = torch.cuda.get_rng_state()
+    z1, _ = fastelbo.reparameterize_kl(mu, logvar, generator=torch.Generator(device="cuda").manual_seed(42))
+    z2, _ = fastelbo.reparameterize_kl(mu, logvar, generator=torch.Generator(device="cuda").manual_seed(42))
+    assert torch.equal(torch.cuda.get_rng_state(), state), "generator= must leave the default generator alone"
+    assert torch.equal(z1, z2)
+    z3, _ = fastelbo.reparameterize_kl(mu, logvar, generator=torch.Generator(device="cuda").manual_seed(43))
+    assert not torch.equal(z1, z3)
+    z4, _ = fastelbo.reparameterize_kl(mu, logvar)
+    assert not torch.equal(torch.cuda.get_rng_state(), state), "the default generator must advance"
+    assert not torch.equal(z1, z4)
+    with pytest.raises(RuntimeError):
+        fastelbo.reparameterize_kl(mu, logvar, generator=torch.Generator())  # a CPU generator
+
+
+def test_matches_reference_with_same_eps():
+    """The fused CUDA ops against fastelbo.reference in float64 on one mid-size case per kernel."""
+    for reduction, free_bits in (("batchmean", 0.0), ("none", 0.0), ("sum", 0.25)):
+        mu = randn((32, 1001), torch.float64, seed=1).requires_grad_()
+        logvar = randn((32, 1001), torch.float64, seed=2, scale=0.5).requires_grad_()
+        eps = randn((32, 1001), torch.float64, seed=3)
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction=reduction, free_bits=free_bits)
+        z_ref, kl_ref = reference.reparameterize_kl(mu, logvar, eps=eps, reduction=reduction, free_bits=free_bits)
+        torch.testing.assert_close(z, z_ref)
+        torch.testing.assert_close(kl, kl_ref)
+        g = torch.autograd.grad((z * eps).sum() + kl.sum(), (mu, logvar))
+        g_ref = torch.autograd.grad((z_ref * eps).sum() + kl_ref.sum(), (mu, logvar))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b)
