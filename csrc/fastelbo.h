@@ -42,8 +42,11 @@ struct ReparamKLOutputs {
 };
 // Allocates the outputs on mu's device with the documented shapes and dtypes (the fake
 // implementations in fastelbo/ops.py mirror these shapes for torch.compile).
+// empty_large allocates z (the one large output); at::empty when not given.
+using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
 ReparamKLOutputs allocate_reparameterize_kl(const at::Tensor& mu, int64_t num_samples,
-                                            int64_t reduction, double free_bits);
+                                            int64_t reduction, double free_bits,
+                                            EmptyFn empty_large = nullptr);
 
 void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
                                       const std::optional<at::Tensor>& grad_kl,

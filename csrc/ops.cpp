@@ -12,6 +12,7 @@
 
 #include "elbo_math.h"
 #include "fastelbo.h"
+#include "cpu/cpu_common.h"
 
 namespace fastelbo {
 
@@ -127,11 +128,13 @@ void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
 }
 
 ReparamKLOutputs allocate_reparameterize_kl(const at::Tensor& mu, int64_t num_samples,
-                                            int64_t reduction, double free_bits) {
+                                            int64_t reduction, double free_bits,
+                                            EmptyFn empty_large) {
   const BatchLayout layout = batch_layout(mu);
   const auto acc_options = mu.options().dtype(loss_dtype(mu.scalar_type()));
   ReparamKLOutputs out;
-  out.z = at::empty(sample_shape(mu, num_samples), mu.options());
+  const auto z_shape = sample_shape(mu, num_samples);
+  out.z = empty_large ? empty_large(z_shape, mu.options()) : at::empty(z_shape, mu.options());
   out.kl = reduction == kNone ? at::empty({layout.batch}, acc_options) : at::empty({}, acc_options);
   out.rng_state = at::empty({2}, mu.options().dtype(at::kLong));
   out.kl_position_mean =
@@ -262,6 +265,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Fill new CPU allocations with a NaN junk pattern (tests: poisoned outputs). Returns the "
       "previous setting.");
+  m.def("_cpu_cache_bytes", &fastelbo::cpu::cached_output_bytes,
+        "Bytes of CPU output buffers held for reuse (not in use by any tensor).");
+  m.def("_empty_cpu_cache", &fastelbo::cpu::empty_output_cache,
+        "Return the cached CPU output buffers to the system.");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

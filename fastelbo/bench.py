@@ -258,7 +258,9 @@ class ValidationError(Exception):
     pass
 
 
-TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float64: 1e-9}
+# Relative L2 error allowed against fastelbo.reference (float32 arithmetic). Eager PyTorch in bf16/fp16 rounds
+# every intermediate to the input dtype and lands at about 0.5 % (bf16) and 0.1 % (fp16).
+TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 
 
 def _rel_error(got, want):

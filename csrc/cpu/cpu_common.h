@@ -17,6 +17,12 @@
 namespace fastelbo {
 namespace cpu {
 
+// A contiguous CPU tensor for a kernel output. Large ones (>= 1 MiB) come from a bounded cache of
+// reused buffers (buffer_cache.cpp), so a training loop does not fault fresh memory in each step.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+size_t cached_output_bytes();  // bytes held by the cache, not in use
+void empty_output_cache();     // returns the cached buffers to the system
+
 // 16K elements: large enough to amortize a task's set-up, small enough to keep both cores busy
 // on a latent of a few samples. Multiple of 4 so tasks start on Philox group boundaries in rows
 // whose length is a multiple of 4.

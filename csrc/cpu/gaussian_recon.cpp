@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
                                                            bool save_grad_unit) {
   check_gaussian_recon_loss(x_hat, x, reduction);
   at::Tensor loss = allocate_recon_loss(x_hat, reduction);
-  at::Tensor grad_unit = save_grad_unit ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+  at::Tensor grad_unit = save_grad_unit ? empty_output(x_hat.sizes(), x_hat.options())
                                         : at::empty({0}, x_hat.options());
   const BatchLayout layout = batch_layout(x_hat);
   const double scale = reduction_scale(reduction, layout);
@@ -78,8 +78,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     bool need_grad_x_hat, bool need_grad_x) {
   check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
   auto allocate_grad = [&](bool needed) {
-    return needed ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
-                  : at::empty({0}, x_hat.options());
+    return needed ? empty_output(x_hat.sizes(), x_hat.options()) : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
   const BatchLayout layout = batch_layout(x_hat);

@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu
     std::optional<at::Generator> generator, int64_t num_samples, int64_t reduction,
     double free_bits) {
   check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits);
-  ReparamKLOutputs out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits);
+  ReparamKLOutputs out = allocate_reparameterize_kl(mu, num_samples, reduction, free_bits, &empty_output);
   const BatchLayout layout = batch_layout(mu);
 
   uint64_t seed = 0, offset = 0;
@@ -203,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(
     int64_t reduction, double free_bits) {
   check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
                                    num_samples, reduction, free_bits);
-  at::Tensor grad_mu = at::empty_like(mu, at::MemoryFormat::Contiguous);
-  at::Tensor grad_logvar = at::empty_like(logvar, at::MemoryFormat::Contiguous);
+  at::Tensor grad_mu = empty_output(mu.sizes(), mu.options());
+  at::Tensor grad_logvar = empty_output(logvar.sizes(), logvar.options());
   const BatchLayout layout = batch_layout(mu);
   if (layout.numel == 0) return {grad_mu, grad_logvar};
 
