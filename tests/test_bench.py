@@ -14,7 +14,8 @@ ROW_FIELDS = {
     "device", "dtype", "size", "B", "D", "Z", "N", "M", "provider", "mode", "element_bytes", "n_input_sets",
     "warmup", "reps", "median_us", "p10_us", "p25_us", "p75_us", "p90_us", "iqr_us", "min_us", "mean_us",
     "floor_bytes", "floor_us", "copy_GBps", "achieved_GBps", "floor_fraction", "kernel_time_us",
-    "kernels_per_step", "kernel_floor_fraction", "peak_mem_bytes", "peak_mem_method", "validation_errors",
+    "kernels_per_step", "kernel_floor_fraction", "peak_mem_bytes", "peak_mem_method", "fastelbo_cpu_cache_bytes",
+    "validation_errors",
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python"}
