@@ -22,7 +22,7 @@ namespace {
 constexpr int kLanes = 8;
 constexpr int64_t kBlock = kLanes * 16;
 
-template <typename scalar_t, typename acc_t>
+template <bool kSaveGradUnit, typename scalar_t, typename acc_t>
 acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
                       scalar_t* grad_unit, acc_t grad_scale) {
   CascadeSum<acc_t> total;
@@ -33,13 +33,17 @@ acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, i
       for (int l = 0; l < kLanes; ++l) {
         const acc_t xh = static_cast<acc_t>(x_hat[i + l]), xv = static_cast<acc_t>(x[i + l]);
         lanes[l] += math::recon_element(xh, xv);
-        if (grad_unit) grad_unit[i + l] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+        if constexpr (kSaveGradUnit) {
+          grad_unit[i + l] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+        }
       }
     }
     for (int l = 0; i < block_end; ++i, ++l) {
       const acc_t xh = static_cast<acc_t>(x_hat[i]), xv = static_cast<acc_t>(x[i]);
       lanes[l] += math::recon_element(xh, xv);
-      if (grad_unit) grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+      if constexpr (kSaveGradUnit) {
+        grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(xh, xv, grad_scale));
+      }
     }
     acc_t block = 0;
     for (int l = 0; l < kLanes; ++l) block += lanes[l];
@@ -66,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
     scalar_t* gu = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
     // An empty batch has no tasks: the reduction writes its identity, 0.
     reduce_rows_into<acc_t>(chunking, layout, reduction, scale, loss, [&](int64_t task) {
-      return recon_range_sum<scalar_t, acc_t>(xh, xv, chunking.begin(task), chunking.end(task), gu,
-                                              static_cast<acc_t>(scale));
+      const int64_t begin = chunking.begin(task), end = chunking.end(task);
+      const acc_t grad_scale = static_cast<acc_t>(scale);
+      return gu ? recon_range_sum<true>(xh, xv, begin, end, gu, grad_scale)
+                : recon_range_sum<false>(xh, xv, begin, end, gu, grad_scale);
     });
   });
   return {loss, grad_unit};

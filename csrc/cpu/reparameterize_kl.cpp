@@ -64,8 +64,9 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLS
       const acc_t mu = static_cast<acc_t>(a.mu[i]);
       const acc_t logvar = static_cast<acc_t>(a.logvar[i]);
       const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
-      z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, math::posterior_std(logvar), e));
-      if (k == 0) kl_sink(i, math::kl_element(mu, logvar));
+      const acc_t std = math::posterior_std(logvar);
+      z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std, e));
+      if (k == 0) kl_sink(i, math::kl_element(mu, logvar, std));
     }
   }
 }
