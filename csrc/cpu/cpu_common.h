@@ -23,6 +23,44 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 size_t cached_output_bytes();  // bytes held by the cache, not in use
 void empty_output_cache();     // returns the cached buffers to the system
 
+// Vectorized helpers (vector_math.cpp: AVX2 where available, else elbo_math.h's scalar functions).
+// std[i] = exp(logvar[i] / 2) for i < n.
+void posterior_std_block(const float* logvar, int64_t n, float* std);
+void posterior_std_block(const double* logvar, int64_t n, double* std);
+// Writes the 4 * count standard normals of Philox groups first_group .. first_group + count - 1 of
+// one draw stream.
+void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, float* out);
+void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, double* out);
+
+// The normals of one draw stream, read by ascending index below `end`: generated kGroups Philox
+// groups at a time (vectorized) and looked up by index.
+template <typename acc_t>
+class NormalBlock {
+ public:
+  NormalBlock(uint64_t seed, uint64_t stream, int64_t end)
+      : seed_(seed), stream_(stream), end_group_(static_cast<uint64_t>(end + 3) / 4) {}
+
+  acc_t operator()(int64_t index) {
+    const uint64_t group = static_cast<uint64_t>(index) >> 2;
+    if (group < first_ || group >= first_ + count_) {
+      first_ = group;
+      count_ = std::min<uint64_t>(kGroups, end_group_ - group);
+      fill_normal_groups(seed_, stream_, first_, static_cast<int64_t>(count_), values_);
+    }
+    return values_[(group - first_) * 4 + (index & 3)];
+  }
+
+ private:
+  static constexpr uint64_t kGroups = 16;
+  uint64_t seed_, stream_, end_group_;
+  uint64_t first_ = 0, count_ = 0;
+  acc_t values_[4 * kGroups];
+};
+
+// Elements per sub-block of the sample+KL loops: logvar is converted and exponentiated a sub-block
+// at a time (vectorized), then the rest runs element by element.
+constexpr int64_t kSubBlock = 64;
+
 // 16K elements: large enough to amortize a task's set-up, small enough to keep both cores busy
 // on a latent of a few samples. Multiple of 4 so tasks start on Philox group boundaries in rows
 // whose length is a multiple of 4.

@@ -19,28 +19,6 @@ namespace fastelbo {
 namespace cpu {
 namespace {
 
-// The normal of element i of one draw stream; caches the last Philox group, since consecutive
-// elements share it (one Philox call and two Box-Muller transforms per four elements).
-template <typename acc_t>
-class NormalStream {
- public:
-  NormalStream(uint64_t seed, uint64_t stream) : seed_(seed), stream_(stream) {}
-  acc_t operator()(int64_t index) {
-    const uint64_t group = static_cast<uint64_t>(index) >> 2;
-    if (group != group_) {
-      group_ = group;
-      values_ = math::normal_group<acc_t>(seed_, stream_, group);
-    }
-    return values_.v[index & 3];
-  }
-
- private:
-  uint64_t seed_;
-  uint64_t stream_;
-  uint64_t group_ = ~uint64_t{0};
-  math::Normal4<acc_t> values_{};
-};
-
 template <typename scalar_t>
 struct SampleArgs {
   const scalar_t* mu;
@@ -57,16 +35,21 @@ struct SampleArgs {
 template <typename scalar_t, typename acc_t, typename KLSink>
 void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLSink&& kl_sink) {
   for (int64_t k = 0; k < a.num_samples; ++k) {
-    NormalStream<acc_t> normal(a.seed, a.offset + static_cast<uint64_t>(k));
+    NormalBlock<acc_t> normal(a.seed, a.offset + static_cast<uint64_t>(k), end);
     scalar_t* z = a.z + k * a.numel;
     const scalar_t* eps = a.eps ? a.eps + k * a.numel : nullptr;
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t mu = static_cast<acc_t>(a.mu[i]);
-      const acc_t logvar = static_cast<acc_t>(a.logvar[i]);
-      const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
-      const acc_t std = math::posterior_std(logvar);
-      z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std, e));
-      if (k == 0) kl_sink(i, math::kl_element(mu, logvar, std));
+    for (int64_t first = begin; first < end; first += kSubBlock) {
+      const int64_t n = std::min(kSubBlock, end - first);
+      acc_t logvar[kSubBlock], std[kSubBlock];
+      for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
+      posterior_std_block(logvar, n, std);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = first + j;
+        const acc_t mu = static_cast<acc_t>(a.mu[i]);
+        const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
+        z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std[j], e));
+        if (k == 0) kl_sink(i, math::kl_element(mu, logvar[j], std[j]));
+      }
     }
   }
 }
@@ -173,26 +156,34 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
     const int64_t b = chunking.row(task);
     const acc_t grad_kl_row =
         grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
-    c10::SmallVector<NormalStream<acc_t>, 4> normals;
+    c10::SmallVector<NormalBlock<acc_t>, 2> normals;
     if (grad_z && !eps) {
-      for (int64_t k = 0; k < num_samples; ++k) normals.emplace_back(seed, offset + static_cast<uint64_t>(k));
-    }
-    for (int64_t i = chunking.begin(task), end = chunking.end(task); i < end; ++i) {
-      acc_t grad_kl_i = grad_kl_row;
-      // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
-      if (position_mean && position_mean[i - b * D] < free_bits) grad_kl_i = 0;
-      acc_t grad_z_sum = 0, grad_z_eps_sum = 0;
-      if (grad_z) {
-        for (int64_t k = 0; k < num_samples; ++k) {
-          const acc_t g = static_cast<acc_t>(grad_z[k * N + i]);
-          const acc_t e = eps ? static_cast<acc_t>(eps[k * N + i]) : normals[k](i);
-          grad_z_sum += g;
-          grad_z_eps_sum += g * e;
-        }
+      for (int64_t k = 0; k < num_samples; ++k) {
+        normals.emplace_back(seed, offset + static_cast<uint64_t>(k), chunking.end(task));
       }
-      const acc_t m = static_cast<acc_t>(mu[i]), lv = static_cast<acc_t>(logvar[i]);
-      grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(m, grad_z_sum, grad_kl_i));
-      grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv, grad_z_eps_sum, grad_kl_i));
+    }
+    for (int64_t first = chunking.begin(task), end = chunking.end(task); first < end; first += kSubBlock) {
+      const int64_t n = std::min(kSubBlock, end - first);
+      acc_t lv[kSubBlock], std[kSubBlock];
+      for (int64_t j = 0; j < n; ++j) lv[j] = static_cast<acc_t>(logvar[first + j]);
+      posterior_std_block(lv, n, std);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = first + j;
+        acc_t grad_kl_i = grad_kl_row;
+        // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
+        if (position_mean && position_mean[i - b * D] < free_bits) grad_kl_i = 0;
+        acc_t grad_z_sum = 0, grad_z_eps_sum = 0;
+        if (grad_z) {
+          for (int64_t k = 0; k < num_samples; ++k) {
+            const acc_t g = static_cast<acc_t>(grad_z[k * N + i]);
+            const acc_t e = eps ? static_cast<acc_t>(eps[k * N + i]) : normals[k](i);
+            grad_z_sum += g;
+            grad_z_eps_sum += g * e;
+          }
+        }
+        grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(static_cast<acc_t>(mu[i]), grad_z_sum, grad_kl_i));
+        grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum, grad_kl_i));
+      }
     }
   });
 }
