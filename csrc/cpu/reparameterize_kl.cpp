@@ -31,7 +31,8 @@ struct SampleArgs {
   uint64_t offset;
 };
 
-// Writes z for elements [begin, end) of every draw and hands each element's KL to kl_sink(i, kl).
+// Writes z for elements [begin, end) of every draw and hands the KL of each sub-block of elements
+// to kl_sink(first, kl, n) (elements first .. first + n - 1): sums stay in registers that way.
 template <typename scalar_t, typename acc_t, typename KLSink>
 void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLSink&& kl_sink) {
   for (int64_t k = 0; k < a.num_samples; ++k) {
@@ -43,13 +44,15 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLS
       acc_t logvar[kSubBlock], std[kSubBlock];
       for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
       posterior_std_block(logvar, n, std);
+      acc_t kl[kSubBlock];
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = first + j;
         const acc_t mu = static_cast<acc_t>(a.mu[i]);
         const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
         z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std[j], e));
-        if (k == 0) kl_sink(i, math::kl_element(mu, logvar[j], std[j]));
+        kl[j] = math::kl_element(mu, logvar[j], std[j]);
       }
+      if (k == 0) kl_sink(first, kl, n);
     }
   }
 }
@@ -63,9 +66,13 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   if (free_bits <= 0.0) {
     const RowChunking chunking(layout);
     reduce_rows_into<acc_t>(chunking, layout, reduction, scale, kl, [&](int64_t task) {
-      CascadeSum<acc_t> sum;
+      CascadeSum<acc_t> sum;  // sub-block sums (in element order), cascaded
       sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
-                                    [&](int64_t, acc_t kl_i) { sum.add(kl_i); });
+                                    [&](int64_t, const acc_t* kl, int64_t n) {
+                                      acc_t block = 0;
+                                      for (int64_t j = 0; j < n; ++j) block += kl[j];
+                                      sum.add(block);
+                                    });
       return sum.sum();
     });
     return;
@@ -84,7 +91,10 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row_start = b * D;
         sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1,
-                                      [&](int64_t i, acc_t kl_i) { column_sum[i - row_start - j0] += kl_i; });
+                                      [&](int64_t first, const acc_t* kl, int64_t n) {
+                                        acc_t* column = column_sum.data() + (first - row_start - j0);
+                                        for (int64_t j = 0; j < n; ++j) column[j] += kl[j];
+                                      });
       }
       for (int64_t j = j0; j < j1; ++j) position_mean[j] = column_sum[j - j0] / static_cast<acc_t>(B);
     }
