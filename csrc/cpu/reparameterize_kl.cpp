@@ -19,6 +19,18 @@ namespace fastelbo {
 namespace cpu {
 namespace {
 
+// Pairwise (tree) sum of n <= kSubBlock values: error grows like log2(n), and the fixed-size
+// halving loops vectorize.
+template <typename acc_t>
+acc_t pairwise_sum(const acc_t* values, int64_t n) {
+  acc_t buffer[kSubBlock];
+  for (int64_t j = 0; j < kSubBlock; ++j) buffer[j] = j < n ? values[j] : acc_t(0);
+  for (int64_t half = kSubBlock / 2; half > 0; half /= 2) {
+    for (int64_t j = 0; j < half; ++j) buffer[j] += buffer[j + half];
+  }
+  return buffer[0];
+}
+
 template <typename scalar_t>
 struct SampleArgs {
   const scalar_t* mu;
@@ -69,9 +81,7 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
       CascadeSum<acc_t> sum;  // sub-block sums (in element order), cascaded
       sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
                                     [&](int64_t, const acc_t* kl, int64_t n) {
-                                      acc_t block = 0;
-                                      for (int64_t j = 0; j < n; ++j) block += kl[j];
-                                      sum.add(block);
+                                      sum.add(pairwise_sum(kl, n));
                                     });
       return sum.sum();
     });
