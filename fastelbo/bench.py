@@ -657,12 +657,17 @@ def measure_case(size, dtype_name, device, cfg, copy_bw, log, progress=None):
         order = list(steps)
         rounds = max(1, min(cfg.rounds, min(reps.values())))
         chunk = {name: math.ceil(reps[name] / rounds) for name in steps}
+        # A machine that turns busy mid-run slows steps down after the rep counts were chosen: past
+        # three times the planned time, stop at the end of a round once every provider has min_reps.
+        deadline = time.perf_counter() + 3 * cfg.time_per_case * len(steps) if not cfg.reps else math.inf
         while any(len(samples[n]) < reps[n] for n in steps):
             for name in order:
                 k = min(chunk[name], reps[name] - len(samples[name]))
                 if k > 0:
                     samples[name] += time_steps(steps[name], k, sync)
             order = order[1:] + order[:1]
+            if time.perf_counter() > deadline and all(len(samples[n]) >= min(cfg.min_reps, reps[n]) for n in steps):
+                break
         fbytes = floor_bytes(size, dtype, mode)
         floor_us = fbytes / copy_bw["GBps"] / 1e3
         mode_rows = []
