@@ -17,5 +17,12 @@ from .modules import VAE, ELBOLoss, VAEOutput, ELBOOutput
 
 __version__ = "0.1.0"
 
+
+def empty_cpu_cache():
+    """Returns the CPU output buffers fastelbo keeps for reuse to the system (see README, "On the
+    CPU"); like torch.cuda.empty_cache(), only unused buffers are affected."""
+    _C._empty_cpu_cache()
+
+
 __all__ = ["reparameterize_kl", "gaussian_recon_loss", "VAE", "ELBOLoss", "VAEOutput", "ELBOOutput", "ops", "reference",
-           "__version__"]
+           "empty_cpu_cache", "__version__"]

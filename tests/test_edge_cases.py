@@ -333,3 +333,23 @@ def test_empty_batch_junk_filled(junk_fill):
     mu = torch.zeros(3, 0)
     assert torch.equal(fastelbo.reparameterize_kl(mu, mu, reduction="none")[1], torch.zeros(3))
     assert torch.equal(fastelbo.gaussian_recon_loss(mu, mu, reduction="none"), torch.zeros(3))
+
+
+def test_cpu_buffer_cache_reuses_and_empties():
+    """Large CPU outputs come back to fastelbo's buffer cache when freed and are reused; values stay
+    correct on reused (dirty) buffers, and empty_cpu_cache() releases them."""
+    from fastelbo import _C
+    fastelbo.empty_cpu_cache()
+    assert _C._cpu_cache_bytes() == 0
+    x_hat = torch.randn(4, 100000, requires_grad=True)  # 1.6 MB gradient: cached size class
+    x = torch.randn(4, 100000)
+    for _ in range(2):
+        loss = fastelbo.gaussian_recon_loss(x_hat, x * 2.0, reduction="sum")
+        loss.backward()
+        expected = x_hat.detach() - x * 2.0
+        torch.testing.assert_close(x_hat.grad, expected, rtol=0, atol=0)
+        x_hat.grad = None  # frees the gradient buffer into the cache
+        assert _C._cpu_cache_bytes() > 0
+        x = torch.randn(4, 100000)
+    fastelbo.empty_cpu_cache()
+    assert _C._cpu_cache_bytes() == 0
