@@ -14,6 +14,20 @@ SUBCOMMANDS = {
 }
 
 
+def int_at_least(minimum):
+    """An argparse `type=`: an integer >= minimum (otherwise argparse prints the usage and exits 2)."""
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        return number
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastelbo", description="fastelbo: fused Gaussian VAE loss kernels for PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")

@@ -23,6 +23,7 @@ import time
 import torch
 from torch import nn
 
+from .cli import int_at_least
 from .modules import VAE
 
 IMAGE_SIDE = 8
@@ -172,26 +173,6 @@ def save_loss_curves(path, history, *, beta):
 # ----------------------------------------------------------------------------------------------
 # The `fastelbo demo` subcommand.
 
-def _positive_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
-
-
-def _non_negative_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
 def _finite_float(value, *, minimum=None, strict=False):
     try:
         number = float(value)
@@ -230,20 +211,20 @@ def _device(value):
 
 
 def add_arguments(parser):
-    parser.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--latent-dim", type=_positive_int, default=8, help="latent size (default 8)")
+    parser.add_argument("--epochs", type=int_at_least(1), default=30, help="training epochs (default 30)")
+    parser.add_argument("--latent-dim", type=int_at_least(1), default=8, help="latent size (default 8)")
     parser.add_argument("--beta", type=_non_negative_float, default=0.05,
                         help="weight of the KL term (default 0.05: with pixels in [0, 1], a unit-variance "
                              "decoder (beta = 1) collapses onto the prior; beta = s^2 is the ELBO of a "
                              "decoder with std s, scaled by s^2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
-    parser.add_argument("--hidden", type=_positive_int, default=256, help="width of the MLP layers (default 256)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size (default 64)")
+    parser.add_argument("--hidden", type=int_at_least(1), default=256, help="width of the MLP layers (default 256)")
     parser.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
                         help="seed of the weights, the data split, the batch order and eps (default 0)")
     parser.add_argument("--device", type=_device, default="auto",
                         help="auto (cuda when available, else cpu), cpu or cuda[:N]")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=int_at_least(1), default=1,
                         help="CPU threads for torch (default 1: the model is too small to gain from more, "
                              "and extra threads only contend on a busy machine)")
     parser.add_argument("--out", default="demo_out", help="folder for the PNGs (default ./demo_out)")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import functional, reference
+from .cli import int_at_least
 
 FUSED = functional        # the implementation under test
 REFERENCE = reference     # the oracle (run in float64, and in each dtype for the error budget)
@@ -402,22 +403,12 @@ def _device_choice(value):
     return value
 
 
-def _int_at_least_zero(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
 def add_arguments(parser):
     parser.add_argument("--device", type=_device_choice, default="all", metavar="{all,cpu,cuda}",
                         help="devices to check (default: all present: cpu, and cuda when available)")
     parser.add_argument("--dtype", action="append", choices=list(DTYPES), default=None,
                         help="dtype to check; repeat for several (default: all four)")
-    parser.add_argument("--seed", type=_int_at_least_zero, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--failures-only", action="store_true", help="print only the rows that fail")
 
 
