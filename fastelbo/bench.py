@@ -812,6 +812,7 @@ def write_plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     devices = sorted({r["device"] for r in rows})
     fig, axes = plt.subplots(1, len(devices), figsize=(6.5 * len(devices), 4.5), squeeze=False)
@@ -829,13 +830,16 @@ def write_plot(rows, path):
                     label=f"{provider} {dtype} {mode}")
         names = {}
         for r in mine:
-            names[r["N"] + r["M"]] = r["size"]
-        for x, name in names.items():
-            ax.annotate(name, (x, 1.0), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7,
-                        color="gray")
+            names.setdefault(r["N"] + r["M"], r["size"])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted(names)))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(sorted(names), [f"{names[x]}\n{x:.3g}" for x in sorted(names)], fontsize=7)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("problem size: elements per step (B*Z + B*D)")
         ax.set_ylabel("speedup over eager (median step time ratio)")
         ax.set_title(f"{device}: loss step, higher is better")
