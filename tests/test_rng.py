@@ -271,3 +271,20 @@ def test_thread_count_independence(device, restore_num_threads):
     for threads in (2, 3):
         for i, (a, b) in enumerate(zip(results[1], results[threads])):
             assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 23), (3, 70), (2, 16389)])
+def test_float32_normals_match_float64_stream(shape):
+    """The float32 CPU normals (vectorized Box-Muller where AVX2 is available, including partial
+    batches of Philox groups at row ends) are the float64 normals of the same (seed, offset) to
+    float32 accuracy: same counter layout, lanes and transform. eps is read back through the
+    backward op: with mu = logvar = 0, grad_z = 1 and no KL gradient, grad_logvar = eps / 2."""
+    rng_state = torch.tensor([0x1234_5678_9ABC_DEF0 - 2**63, 977], dtype=torch.int64)
+    eps = {}
+    for dtype in (torch.float32, torch.float64):
+        zeros = torch.zeros(shape, dtype=dtype)
+        _, grad_logvar = torch.ops.fastelbo.reparameterize_kl_backward(
+            torch.ones(shape, dtype=dtype), None, zeros, zeros, None, rng_state,
+            torch.empty(0, dtype=dtype), 1, 1, 0.0)
+        eps[dtype] = 2 * grad_logvar
+    torch.testing.assert_close(eps[torch.float32].double(), eps[torch.float64], rtol=2e-6, atol=2e-6)

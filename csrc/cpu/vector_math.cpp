@@ -60,10 +60,13 @@ __attribute__((target("avx2,fma"))) inline __m256 uniform_open01_avx2(__m256i bi
 }
 
 // Four groups (16 normals) per iteration: the Philox bits scalar, the 8 Box-Muller pairs at once.
+// A last partial iteration computes all four groups into a scratch buffer and copies what was
+// asked for (cheaper than the scalar Box-Muller for even one group).
 __attribute__((target("avx2,fma"))) void fill_avx2(uint64_t seed, uint64_t stream,
                                                     uint64_t first_group, int64_t count, float* out) {
-  int64_t g = 0;
-  for (; g + 4 <= count; g += 4) {
+  for (int64_t g = 0; g < count; g += 4) {
+    alignas(32) float scratch[16];
+    const bool partial = g + 4 > count;
     alignas(32) uint32_t u_radius[8], u_angle[8];
     for (int k = 0; k < 4; ++k) {
       const math::Philox4 bits = math::philox_group_bits(seed, stream, first_group + g + k);
@@ -80,13 +83,15 @@ __attribute__((target("avx2,fma"))) void fill_avx2(uint64_t seed, uint64_t strea
     alignas(32) float cos_part[8], sin_part[8];
     _mm256_store_ps(cos_part, _mm256_mul_ps(radius, sincos.y));
     _mm256_store_ps(sin_part, _mm256_mul_ps(radius, sincos.x));
-    float* dst = out + 4 * g;
+    float* dst = partial ? scratch : out + 4 * g;
     for (int lane = 0; lane < 8; ++lane) {
       dst[2 * lane] = cos_part[lane];
       dst[2 * lane + 1] = sin_part[lane];
     }
+    if (partial) {
+      for (int64_t i = 0; i < 4 * (count - g); ++i) out[4 * g + i] = scratch[i];
+    }
   }
-  fill_scalar<float>(seed, stream, first_group + g, count - g, out + 4 * g);
 }
 
 __attribute__((target("avx2,fma"))) void posterior_std_avx2(const float* logvar, int64_t n, float* std) {
