@@ -4,6 +4,7 @@
     --fastelbo-dtypes    comma list of fp32,bf16,fp16 (default fp32; fp32,bf16 on CUDA)
     --fastelbo-providers comma list (default: every provider of fastelbo.bench.PROVIDERS)
     --fastelbo-devices   comma list of cpu,cuda (default: those present)
+    --fastelbo-threads   torch.set_num_threads for CPU runs (default: torch's default)
 """
 
 
@@ -13,3 +14,12 @@ def pytest_addoption(parser):
     group.addoption("--fastelbo-dtypes", default=None, help="comma list of fp32,bf16,fp16")
     group.addoption("--fastelbo-providers", default=None, help="comma list of providers")
     group.addoption("--fastelbo-devices", default=None, help="comma list of cpu,cuda")
+    group.addoption("--fastelbo-threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--fastelbo-threads", default=None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

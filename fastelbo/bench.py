@@ -730,6 +730,22 @@ def _busy_warning(meta, devices):
             "compare only ratios from one run, or rerun on a quiet machine (or with --threads 1)")
 
 
+def _git_commit(folder):
+    """The source tree's commit (with "+dirty" for local changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        if not commit:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info():
     info = {
         "platform": platform.platform(),
@@ -760,6 +776,9 @@ def machine_info():
 
         info["fastelbo"] = fastelbo.__version__
         info["fastelbo_built_with_cuda"] = BUILT_WITH_CUDA
+        info["fastelbo_extension_built"] = datetime.datetime.fromtimestamp(
+            os.path.getmtime(_fastelbo_C().__file__), datetime.timezone.utc).isoformat(timespec="seconds")
+        info["fastelbo_git_commit"] = _git_commit(os.path.dirname(os.path.abspath(__file__)))
     except Exception as error:  # pragma: no cover
         info["fastelbo"] = f"unavailable: {error}"
     return info
