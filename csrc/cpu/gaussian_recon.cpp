@@ -8,6 +8,9 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <type_traits>
+
 #include "../elbo_math.h"
 #include "../fastelbo.h"
 #include "cpu_common.h"
@@ -45,14 +48,23 @@ acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, i
     Lanes lanes = {};
     for (; i + kLanes <= block_end; i += kLanes) {
       Lanes xh, xv;
-      for (int l = 0; l < kLanes; ++l) {
-        xh[l] = static_cast<acc_t>(x_hat[i + l]);
-        xv[l] = static_cast<acc_t>(x[i + l]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {  // whole-vector loads (no per-lane inserts)
+        std::memcpy(&xh, x_hat + i, sizeof(Lanes));
+        std::memcpy(&xv, x + i, sizeof(Lanes));
+      } else {
+        for (int l = 0; l < kLanes; ++l) {
+          xh[l] = static_cast<acc_t>(x_hat[i + l]);
+          xv[l] = static_cast<acc_t>(x[i + l]);
+        }
       }
       lanes += math::recon_element(xh, xv);
       if constexpr (kSaveGradUnit) {
         const Lanes grad = math::grad_x_hat_element(xh, xv, grad_scale_lanes);
-        for (int l = 0; l < kLanes; ++l) grad_unit[i + l] = static_cast<scalar_t>(grad[l]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::memcpy(grad_unit + i, &grad, sizeof(Lanes));
+        } else {
+          for (int l = 0; l < kLanes; ++l) grad_unit[i + l] = static_cast<scalar_t>(grad[l]);
+        }
       }
     }
     for (int l = 0; i < block_end; ++i, ++l) {
