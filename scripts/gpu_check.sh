@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # One check of fastelbo's CUDA kernels on a machine with a GPU (no network needed):
-#   build      pip install -e . with the CUDA kernels (FASTELBO_CUDA=1), for the visible GPU's arch
+#   build      setup.py build_ext --inplace with the CUDA kernels (FASTELBO_CUDA=1), for the visible GPU's arch
 #   cpu-import `import fastelbo` and a CPU op with no GPU visible (the CUDA build must not need one)
 #   cuda-tests tests/test_cuda.py (everything but the slow test)
+#   core-cuda  the CUDA cases of the rest of the suite (tests/ -m cuda)
+#   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
 #   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
 #   racecheck  compute-sanitizer --tool racecheck on the same driver
-#   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
 #   slow       the > 2^31-element test
-#   core-cuda  the rest of the suite's CUDA cases (tests/ -m cuda), with the time that is left
 # Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default
 # 470: the whole script stays under 8 minutes on an H100); a failing step does not stop the others.
-# Logs go to $OUT (default ./gpu_out); the last lines printed are a short table: each step's status,
-# then the fused loss step's kernel time against the byte floor and the issue's targets.
+# GPU_CHECK_STEPS picks steps (e.g. "build cuda-tests bench"; default: all of them, in the order
+# above); the build always runs. What is left in $OUT (default ./gpu_out): summary.txt (the short
+# table printed last: each step's status, failing tests, then the fused loss step's kernel time
+# against the byte floor and the issue's targets), bench.json, and logs.tgz with every step's log
+# (few files, so that a device tool that brings back only a handful of files gets them all).
 #
 # Run from the repository root:  bash scripts/gpu_check.sh
-# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET, MAX_JOBS (default 16),
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET, GPU_CHECK_STEPS, MAX_JOBS (default 16),
 #              BENCH_ARGS (extra arguments for fastelbo bench, e.g. "--time-per-case 1").
 set -u
 set -o pipefail
@@ -24,7 +27,10 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+LOGS=$(mktemp -d)  # packed into $OUT/logs.tgz at the end
 BUDGET=${GPU_CHECK_BUDGET:-470}
+WANTED=" ${GPU_CHECK_STEPS:-all} "
+WANTED=${WANTED//,/ }
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 
@@ -33,12 +39,15 @@ STATUS=()
 SECONDS_TAKEN=()
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+# wanted NAME: whether GPU_CHECK_STEPS asks for step NAME (the build always runs).
+wanted() { [[ "$WANTED" == *" all "* || "$WANTED" == *" $1 "* || "$1" == build ]]; }
 
 # run_step NAME LIMIT_SECONDS COMMAND...: runs COMMAND under timeout (the smaller of LIMIT and the
-# time left in the budget), output to $OUT/NAME.log, and records ok / FAIL(rc) / TIMEOUT / SKIPPED.
+# time left in the budget), output to $LOGS/NAME.log, and records ok / FAIL(rc) / TIMEOUT / SKIPPED.
 run_step() {
   local name=$1 limit=$2
   shift 2
+  wanted "$name" || return 0  # not asked for (GPU_CHECK_STEPS)
   local left
   left=$(remaining)
   if ((left < 15)); then
@@ -50,7 +59,7 @@ run_step() {
   echo "=== $name (limit ${limit}s): $*"
   local t0 rc
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
   local took=$(($(date +%s) - t0))
   local status
@@ -62,8 +71,8 @@ run_step() {
     status="FAIL (exit $rc)"
   fi
   STEPS+=("$name"); STATUS+=("$status"); SECONDS_TAKEN+=("$took")
-  echo "    $status in ${took}s; last lines of $OUT/$name.log:"
-  tail -n 8 "$OUT/$name.log" | sed 's/^/    | /'
+  echo "    $status in ${took}s; last lines of $LOGS/$name.log:"
+  tail -n 8 "$LOGS/$name.log" | sed 's/^/    | /'
 }
 
 {
@@ -72,19 +81,20 @@ run_step() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
   command -v nvcc && nvcc --version | tail -n 2
-} > "$OUT/machine.log" 2>&1
-cat "$OUT/machine.log"
+} > "$LOGS/machine.log" 2>&1
+cat "$LOGS/machine.log"
 
 ARCH=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 ARCH=${ARCH:-9.0}
 
 # ---- build --------------------------------------------------------------------------------------
-# pip install -e (DESIGN.md section 6); should pip be unable to (e.g. no setuptools wheel support
-# in the image), an in-place build_ext gives the same fastelbo/_C*.so for `python -m pytest`.
+# In place (fastelbo/_C*.so next to the sources, imported from the repository root): setup.py
+# build_ext --inplace, which skips pip's metadata steps; should that fail, pip install -e
+# (DESIGN.md section 6) gets a second try.
 # shellcheck disable=SC2016  # $PYTHON expands in the inner shell, from the environment
 run_step build 240 env FASTELBO_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="$ARCH" PYTHON="$PYTHON" \
-  bash -c '"$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . ||
-    { echo "pip install -e . failed; trying setup.py build_ext --inplace"; "$PYTHON" setup.py build_ext --inplace; }'
+  bash -c '"$PYTHON" setup.py build_ext --inplace ||
+    { echo "build_ext --inplace failed; trying pip install -e ."; "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .; }'
 
 run_step cpu-import 60 env CUDA_VISIBLE_DEVICES="" "$PYTHON" -c "
 import torch, fastelbo
@@ -95,8 +105,52 @@ print('import fastelbo without a visible GPU: ok, built_with_cuda =', fastelbo._
 "
 
 # ---- tests ----------------------------------------------------------------------------------------
-run_step cuda-tests 120 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -m "not slow" \
-  --junitxml="$OUT/cuda-tests.xml"
+# pytest-xdist, where installed, spreads the tests over 8 processes (they share the one GPU).
+PARALLEL=()
+"$PYTHON" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
+run_step cuda-tests 120 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests/test_cuda.py \
+  -m "not slow" --junitxml="$LOGS/cuda-tests.xml"
+# The CUDA twins of every other test (the `device` fixture's "cuda" parameter).
+run_step core-cuda 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests -m "cuda and not slow" \
+  --ignore=tests/test_cuda.py --junitxml="$LOGS/core-cuda.xml"
+
+# ---- benchmark ------------------------------------------------------------------------------------
+if ! "$PYTHON" -c "import tqdm" 2> /dev/null; then
+  # fastelbo bench draws a progress bar with tqdm, which the GPU image may lack: a silent stand-in.
+  mkdir -p "$LOGS/shim"
+  cat > "$LOGS/shim/tqdm.py" << 'EOF'
+"""Stand-in for tqdm (not installed here; see scripts/gpu_check.sh): no progress bar."""
+import sys
+
+
+class tqdm:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+    @staticmethod
+    def write(message, file=None, **kwargs):
+        print(message, file=file or sys.stdout)
+EOF
+  export PYTHONPATH="$LOGS/shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+run_step bench 150 "$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 large \
+  --dtypes fp32,bf16 --no-compile --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench" ${BENCH_ARGS:-}
 
 # ---- compute-sanitizer ----------------------------------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer)
@@ -105,7 +159,7 @@ if [[ -z "$SANITIZER" ]]; then
     [[ -x "$candidate" ]] && SANITIZER=$candidate && break
   done
 fi
-cat > "$OUT/sanitizer_driver.py" << 'EOF'
+cat > "$LOGS/sanitizer_driver.py" << 'EOF'
 """Every kernel variant once, on small inputs (multi-block grids, ragged tails, unaligned views)."""
 import torch
 
@@ -145,72 +199,35 @@ EOF
 if [[ -n "$SANITIZER" ]]; then
   for tool in memcheck racecheck; do
     run_step "$tool" 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-      "$PYTHON" "$OUT/sanitizer_driver.py"
+      "$PYTHON" "$LOGS/sanitizer_driver.py"
   done
 else
-  STEPS+=(memcheck racecheck); STATUS+=("SKIPPED (no compute-sanitizer)" "SKIPPED (no compute-sanitizer)")
-  SECONDS_TAKEN+=(0 0)
+  for tool in memcheck racecheck; do
+    wanted "$tool" && { STEPS+=("$tool"); STATUS+=("SKIPPED (no compute-sanitizer)"); SECONDS_TAKEN+=(0); }
+  done
 fi
 
-# ---- benchmark ------------------------------------------------------------------------------------
-if ! "$PYTHON" -c "import tqdm" 2> /dev/null; then
-  # fastelbo bench draws a progress bar with tqdm, which the GPU image may lack: a silent stand-in.
-  mkdir -p "$OUT/shim"
-  cat > "$OUT/shim/tqdm.py" << 'EOF'
-"""Stand-in for tqdm (not installed here; see scripts/gpu_check.sh): no progress bar."""
-import sys
-
-
-class tqdm:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-    @staticmethod
-    def write(message, file=None, **kwargs):
-        print(message, file=file or sys.stdout)
-EOF
-  export PYTHONPATH="$OUT/shim${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-run_step bench 150 "$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 large \
-  --dtypes fp32,bf16 --no-compile --no-plot --no-progress --time-per-case 0.3 --out "$OUT/bench" ${BENCH_ARGS:-}
-
-# ---- the slow test, then the rest of the CUDA suite with the time that is left --------------------
-run_step slow 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -m slow
-run_step core-cuda 600 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests -m "cuda and not slow" \
-  --ignore=tests/test_cuda.py --junitxml="$OUT/core-cuda.xml"
+# ---- the slow test -------------------------------------------------------------------------------
+run_step slow 90 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py -m slow
 
 # ---- summary --------------------------------------------------------------------------------------
 {
   echo
-  echo "fastelbo gpu_check: $(($(date +%s) - START))s in all, logs in $OUT"
-  sed -n '/^name, memory/{n;p;q}' "$OUT/machine.log"  # the GPU line of nvidia-smi
+  echo "fastelbo gpu_check: $(($(date +%s) - START))s in all; logs in $OUT/logs.tgz"
+  sed -n '/^name, memory/{n;p;q}' "$LOGS/machine.log"  # the GPU line of nvidia-smi
   printf '%-11s %-32s %s\n' step status seconds
   for i in "${!STEPS[@]}"; do
     printf '%-11s %-32s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
   done
   for name in cuda-tests slow core-cuda; do
-    [[ -f "$OUT/$name.log" ]] && echo "$name: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/$name.log" | tail -n 1)"
+    [[ -f "$LOGS/$name.log" ]] || continue
+    echo "$name: $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/$name.log" | tail -n 1)"
+    grep -E '^(FAILED|ERROR) ' "$LOGS/$name.log" | head -n 40 | cut -c 1-300 | sed 's/^/  /'
   done
   for tool in memcheck racecheck; do
-    [[ -f "$OUT/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.log" | tail -n 1)"
+    [[ -f "$LOGS/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$LOGS/$tool.log" | tail -n 1)"
   done
-  "$PYTHON" - "$OUT/bench/bench.json" << 'EOF'
+  "$PYTHON" - "$LOGS/bench/bench.json" << 'EOF'
 import json
 import sys
 
@@ -246,7 +263,11 @@ for r in rows:
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
 EOF
-} 2>&1 | tee "$OUT/summary.txt"
+} 2>&1 | tee "$LOGS/summary.txt"
+
+cp "$LOGS/summary.txt" "$OUT/summary.txt"
+[[ -f "$LOGS/bench/bench.json" ]] && cp "$LOGS/bench/bench.json" "$OUT/bench.json"
+tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 
 for status in "${STATUS[@]}"; do
   [[ "$status" == ok ]] || exit 1
