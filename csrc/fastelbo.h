@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "elbo_math.h"
@@ -28,6 +29,14 @@ at::ScalarType loss_dtype(at::ScalarType input_dtype);
 // The factor that turns the sum over all elements into the requested reduction:
 // sum -> 1, mean -> 1 / numel, batchmean -> 1 / batch, none -> 1 (per-sample sums).
 double reduction_scale(int64_t reduction, const BatchLayout& layout);
+
+// Numbers and shapes for error and warning messages, formatted with std::to_string / snprintf
+// rather than streamed: on one CUDA image (nvidia-h200 device machines, torch 2.11, extension
+// built by its /opt/gcc), streaming an integer or a double into a TORCH_CHECK message from this
+// extension crashed the process, while strings streamed fine (benches/RESULTS.md, GPU section).
+std::string number_str(int64_t value);
+std::string number_str(double value);
+std::string shape_str(at::IntArrayRef shape);
 
 // ---- reparameterize_kl ----------------------------------------------------------------------
 void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,

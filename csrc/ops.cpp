@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 #include <sstream>
 
 #include "elbo_math.h"
@@ -15,6 +17,23 @@
 #include "cpu/cpu_common.h"
 
 namespace fastelbo {
+
+std::string number_str(int64_t value) { return std::to_string(value); }
+
+std::string number_str(double value) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", value);
+  return buffer;
+}
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
+}
 
 namespace {
 
@@ -34,7 +53,7 @@ const char* reduction_name(int64_t reduction) {
 
 void check_reduction(const char* op, int64_t reduction) {
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, op,
-                    ": unknown reduction code ", reduction,
+                    ": unknown reduction code ", number_str(reduction),
                     " (expected 0=none, 1=sum, 2=mean, 3=batchmean)");
 }
 
@@ -61,8 +80,8 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 void check_same_shape(const char* op, const char* name, at::IntArrayRef shape,
                       const char* ref_name, at::IntArrayRef ref_shape) {
   TORCH_CHECK_VALUE(shape == ref_shape, op, ": ", name, " and ", ref_name,
-                    " must have the same shape, got ", name, " ", shape, " and ", ref_name, " ",
-                    ref_shape);
+                    " must have the same shape, got ", name, " ", shape_str(shape), " and ", ref_name,
+                    " ", shape_str(ref_shape));
 }
 
 std::vector<int64_t> sample_shape(const at::Tensor& mu, int64_t num_samples) {
@@ -109,9 +128,9 @@ void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
   check_same_shape(op, "logvar", logvar.sizes(), "mu", mu.sizes());
   check_same_device(op, "logvar", logvar, "mu", mu);
   check_reduction(op, reduction);
-  TORCH_CHECK_VALUE(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
+  TORCH_CHECK_VALUE(num_samples >= 1, op, ": num_samples must be >= 1, got ", number_str(num_samples));
   TORCH_CHECK_VALUE(free_bits >= 0.0 && std::isfinite(free_bits), op,
-                    ": free_bits must be a finite number >= 0, got ", free_bits);
+                    ": free_bits must be a finite number >= 0, got ", number_str(free_bits));
   TORCH_CHECK_VALUE(!(free_bits > 0.0 && reduction == kNone), op,
                     ": free_bits > 0 is defined for reduction 'sum', 'mean' and 'batchmean', not "
                     "'none' (the floor applies to the batch-mean KL of each latent position)");
@@ -121,9 +140,9 @@ void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
     check_same_device(op, "eps", e, "mu", mu);
     const auto z_shape = sample_shape(mu, num_samples);
     TORCH_CHECK_VALUE(e.sizes() == at::IntArrayRef(z_shape), op,
-                      ": eps must have the shape of z, ", at::IntArrayRef(z_shape),
-                      " (num_samples=", num_samples, ", mu ", mu.sizes(), "), got eps ",
-                      e.sizes());
+                      ": eps must have the shape of z, ", shape_str(z_shape),
+                      " (num_samples=", number_str(num_samples), ", mu ", shape_str(mu.sizes()),
+                      "), got eps ", shape_str(e.sizes()));
   }
 }
 
@@ -166,7 +185,7 @@ void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
     } else {
       TORCH_CHECK_VALUE(grad_kl->numel() == 1, op,
                         ": grad_kl of a reduced KL must have one element, got shape ",
-                        grad_kl->sizes());
+                        shape_str(grad_kl->sizes()));
     }
   }
   TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2, op,
@@ -174,8 +193,8 @@ void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
   check_same_device(op, "rng_state", rng_state, "mu", mu);
   if (free_bits > 0.0) {
     TORCH_CHECK_VALUE(kl_position_mean.numel() == layout.per_sample, op,
-                      ": kl_position_mean must have ", layout.per_sample,
-                      " elements (one per latent position), got ", kl_position_mean.numel());
+                      ": kl_position_mean must have ", number_str(layout.per_sample),
+                      " elements (one per latent position), got ", number_str(kl_position_mean.numel()));
     check_same_device(op, "kl_position_mean", kl_position_mean, "mu", mu);
   }
 }
@@ -209,7 +228,7 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
   } else {
     TORCH_CHECK_VALUE(grad_loss.numel() == 1, op,
                       ": grad_loss of a reduced loss must have one element, got shape ",
-                      grad_loss.sizes(), " (reduction '", reduction_name(reduction), "')");
+                      shape_str(grad_loss.sizes()), " (reduction '", reduction_name(reduction), "')");
   }
 }
 

@@ -496,21 +496,25 @@ def profile_kernels(step, device, steps=5):
         sync()
     total_us = 0.0
     count = 0
-    names, kinds = {}, {}
+    names, name_us, kinds = {}, {}, {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         count += 1
-        total_us += event.time_range.elapsed_us()
+        elapsed = event.time_range.elapsed_us()
+        total_us += elapsed
         names[event.name] = names.get(event.name, 0) + 1
+        name_us[event.name] = name_us.get(event.name, 0.0) + elapsed
         kind = str(getattr(event, "activity_type", None) or "device")
         kinds[kind] = kinds.get(kind, 0) + 1
     if count == 0:  # no CUPTI activity recorded: report n/a rather than "0 kernels"
-        return {"kernel_time_us": None, "kernels_per_step": None, "kernel_names": {}, "kernel_kinds": {}}
+        return {"kernel_time_us": None, "kernels_per_step": None, "kernel_names": {}, "kernel_time_us_by_name": {},
+                "kernel_kinds": {}}
     return {
         "kernel_time_us": total_us / steps,
         "kernels_per_step": count / steps,
         "kernel_names": {k: v / steps for k, v in sorted(names.items(), key=lambda kv: -kv[1])},
+        "kernel_time_us_by_name": {k: v / steps for k, v in sorted(name_us.items(), key=lambda kv: -kv[1])},
         "kernel_kinds": {k: v / steps for k, v in kinds.items()},
     }
 

@@ -8,6 +8,8 @@
 #   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
 #   racecheck  compute-sanitizer --tool racecheck on the same driver
 #   slow       the > 2^31-element test
+#   abi-probe  scripts/abi_probe.py: the image's C++ toolchain, and whether a TORCH_CHECK message
+#              with a streamed number crashes extensions built with it (see that script)
 # Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default
 # 470: the whole script stays under 8 minutes on an H100); a failing step does not stop the others.
 # GPU_CHECK_STEPS picks steps (e.g. "build cuda-tests bench"; default: all of them, in the order
@@ -33,6 +35,9 @@ WANTED=" ${GPU_CHECK_STEPS:-all} "
 WANTED=${WANTED//,/ }
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+# The in-place build is imported from the repository root, also by scripts run from elsewhere
+# (the sanitizer driver lives in the log folder).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 STEPS=()
 STATUS=()
@@ -210,6 +215,9 @@ fi
 # ---- the slow test -------------------------------------------------------------------------------
 run_step slow 90 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py -m slow
 
+# ---- the toolchain probe ---------------------------------------------------------------------------
+run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
+
 # ---- summary --------------------------------------------------------------------------------------
 {
   echo
@@ -227,6 +235,7 @@ run_step slow 90 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_cud
   for tool in memcheck racecheck; do
     [[ -f "$LOGS/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$LOGS/$tool.log" | tail -n 1)"
   done
+  [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
   "$PYTHON" - "$LOGS/bench/bench.json" << 'EOF'
 import json
 import sys
@@ -240,8 +249,8 @@ except (OSError, ValueError) as error:
 copy = data["meta"].get("copy_bandwidth", {}).get("cuda", {}).get("GBps") or float("nan")
 print(f"bench (fwd+bwd, GPU {data['meta']['machine'].get('gpu')}, copy {copy:.0f} GB/s): kernel us = summed "
       "device time per loss step; ours = fastelbo kernels per step")
-print(f"{'size':<11} {'dtype':<5} {'floor us':>8} {'kernel us':>9} {'x floor':>7} {'ours':>4} {'all':>4} "
-      f"{'eager us':>8} {'step us':>8} {'x eager':>7}  target")
+print(f"{'size':<11} {'dtype':<5} {'floor us':>8} {'kernel us':>9} {'x floor':>7} {'ours':>4} {'ours us':>7} "
+      f"{'all':>4} {'eager us':>8} {'step us':>8} {'x eager':>7}  target")
 rows = [r for r in data["results"] if r["mode"] == "fwd+bwd"]
 eager = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "eager"}
 for r in rows:
@@ -249,6 +258,7 @@ for r in rows:
         continue
     kernel = r.get("kernel_time_us")
     ours = sum(v for k, v in (r.get("kernel_names") or {}).items() if "fastelbo" in k)
+    ours_us = sum(v for k, v in (r.get("kernel_time_us_by_name") or {}).items() if "fastelbo" in k)
     ratio = kernel / r["floor_us"] if kernel else float("nan")
     e = eager.get((r["size"], r["dtype"]))
     target = {"large": f"kernel <= 1.15x floor: {'met' if ratio <= 1.15 else 'MISSED'}",
@@ -257,9 +267,15 @@ for r in rows:
               "mnist-mlp": f"<= 4 kernels, <= 8 us: {'met' if ours <= 4 and kernel and kernel <= 8 else 'MISSED'}"
               }.get(r["size"], "")
     print(f"{r['size']:<11} {r['dtype']:<5} {r['floor_us']:8.1f} {kernel or float('nan'):9.1f} {ratio:7.2f} "
-          f"{ours:4.0f} {r.get('kernels_per_step') or 0:4.0f} "
+          f"{ours:4.0f} {ours_us:7.1f} {r.get('kernels_per_step') or 0:4.0f} "
           f"{(e or {}).get('kernel_time_us') or float('nan'):8.1f} {r['median_us']:8.1f} "
           f"{r.get('speedup_vs_eager') or float('nan'):7.2f}  {target}")
+print("kernel us per step by kernel (fastelbo, fwd+bwd):")
+for r in rows:
+    if r["provider"] == "fastelbo":
+        parts = [f"{name.split('(')[0].split('::')[-1]} {us:.1f}"
+                 for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
+        print(f"  {r['size']:<11} {r['dtype']:<5} " + ", ".join(parts))
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
 EOF

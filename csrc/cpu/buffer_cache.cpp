@@ -59,7 +59,8 @@ class BufferCache final : public c10::Allocator {
     }
     if (ptr == nullptr) {
       ptr = std::aligned_alloc(kHugePage, size);
-      TORCH_CHECK(ptr != nullptr, "fastelbo: out of CPU memory allocating ", size, " bytes");
+      TORCH_CHECK(ptr != nullptr, "fastelbo: out of CPU memory allocating ",
+                  fastelbo::number_str(static_cast<int64_t>(size)), " bytes");
       madvise(ptr, size, MADV_HUGEPAGE);  // a hint: harmless where transparent huge pages are off
     }
     return {ptr, new Block{ptr, size}, &BufferCache::release, c10::Device(c10::DeviceType::CPU)};

@@ -242,6 +242,31 @@ __device__ __forceinline__ acc_t load_partial(const acc_t* p) {
   return __ldcg(p);
 }
 
+// Partial reads in flight at once per thread in the last block: the loads of a batch are issued
+// before the first add, so a thousand partials cost a couple of L2 round trips instead of one per
+// partial. The adds still run in index order.
+constexpr int kPartialBatch = 8;
+
+// Sum of partials[first + j * step] for j = 0, 1, ... while the index is < end, in that order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t first, int64_t end,
+                                              int64_t step) {
+  acc_t v = 0;
+  for (int64_t i0 = first; i0 < end; i0 += kPartialBatch * step) {
+    acc_t batch[kPartialBatch];
+#pragma unroll
+    for (int j = 0; j < kPartialBatch; ++j) {
+      const int64_t i = i0 + j * step;
+      batch[j] = i < end ? load_partial(partials + i) : acc_t(0);
+    }
+#pragma unroll
+    for (int j = 0; j < kPartialBatch; ++j) {
+      if (i0 + j * step < end) v += batch[j];
+    }
+  }
+  return v;
+}
+
 // Sum of every block's value (valid in thread 0) in block order: returns true in thread 0 of
 // exactly one block (the last to finish), with the sum in `total`. One block: no ticket at all.
 // Every thread of every block must call it.
@@ -255,8 +280,7 @@ __device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, u
   unsigned int* counter = &ticket_counters[slot];
   if (threadIdx.x == 0) partials[blockIdx.x] = block_value;
   if (!take_ticket_is_last(counter)) return false;
-  acc_t v = 0;
-  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) v += load_partial(partials + b);
+  acc_t v = sum_partials(partials, threadIdx.x, gridDim.x, blockDim.x);
   v = block_sum(v);
   if (threadIdx.x != 0) return false;
   reset_ticket(counter);
@@ -274,9 +298,7 @@ __device__ __forceinline__ void finish_rows(acc_t* out, acc_t* partials, int64_t
   unsigned int* counter = &ticket_counters[slot];
   if (!take_ticket_is_last(counter)) return;
   for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    acc_t total = 0;
-    for (int64_t tile = 0; tile < tiles; ++tile) total += load_partial(partials + b * tiles + tile);
-    out[b] = total;
+    out[b] = sum_partials(partials + b * tiles, 0, tiles, 1);
   }
   if (threadIdx.x == 0) reset_ticket(counter);
 }
@@ -321,7 +343,7 @@ inline unsigned int ticket_slot(const c10::cuda::CUDAStream& stream) {
     if (next_graph_slot == kTicketSlots) {
       next_graph_slot = kEagerSlots;
       TORCH_WARN_ONCE(
-          "fastelbo: more than ", kTicketSlots - kEagerSlots,
+          "fastelbo: more than ", number_str(static_cast<int64_t>(kTicketSlots - kEagerSlots)),
           " launches captured into CUDA graphs; their reduction tickets are reused from now on "
           "(two graphs that share one must not run at the same time)");
     }

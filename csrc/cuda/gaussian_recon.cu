@@ -73,7 +73,7 @@ __device__ __forceinline__ void recon_scalar_range(const ForwardParams<scalar_t>
 // ---- forward: flat --------------------------------------------------------------------------
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    forward_flat_kernel(const ForwardParams<scalar_t> p) {
+    recon_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
   const int64_t n = p.numel;
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 // windows aligned, else element by element. Per-sample sums via store_segment / finish_rows.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    forward_rows_kernel(const ForwardParams<scalar_t> p) {
+    recon_forward_rows_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
   const int64_t d = p.per_sample, tiles = p.tiles_per_row;
@@ -215,7 +215,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    backward_kernel(const BackwardParams<scalar_t> p) {
+    recon_backward_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
   const int64_t n = p.numel, d = p.per_sample_size;
@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
         p.partials = partials.data_ptr<acc_t>();
         p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
       }
-      forward_rows_kernel<scalar_t>
+      recon_forward_rows_kernel<scalar_t>
           <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(p);
     } else {
       p.vec = aligned;
@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
         p.partials = partials.data_ptr<acc_t>();
         p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
       }
-      forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+      recon_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
     p.per_sample_size = layout.per_sample;
     p.vec = all_aligned({p.x_hat, p.x, p.grad_x_hat, p.grad_x}, 16);
     const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-    backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    recon_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_x_hat, grad_x};

@@ -160,7 +160,7 @@ __device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
 // ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    forward_flat_kernel(const ForwardParams<scalar_t> p) {
+    reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk<scalar_t>;
   const auto seeds = unpack_and_record(p);
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 // windows of 4 positions. Per-sample sums via store_segment / finish_rows (cuda_common.cuh).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    forward_rows_kernel(const ForwardParams<scalar_t> p) {
+    reparam_kl_forward_rows_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 // the blocks' floored sums are combined by the last block. All orders fixed by the shape.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    forward_columns_kernel(const ForwardParams<scalar_t> p) {
+    reparam_kl_forward_columns_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t lane_sums[kThreads][kWindow];
   const auto seeds = unpack_and_record(p);
@@ -370,7 +370,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    backward_kernel(const BackwardParams<scalar_t> p) {
+    reparam_kl_backward_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk<scalar_t>;
   const int64_t n = p.numel, d = p.per_sample;
@@ -443,7 +443,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       p.partials = partials.data_ptr<acc_t>();
       p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
     }
-    forward_columns_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    reparam_kl_forward_columns_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
   } else if (reduction == kNone) {
     const int64_t threads = std::min<int64_t>(kThreads, round_up_warp(windows));
     int64_t tiles = 1;
@@ -461,7 +461,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       p.partials = partials.data_ptr<acc_t>();
       p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
     }
-    forward_rows_kernel<scalar_t>
+    reparam_kl_forward_rows_kernel<scalar_t>
         <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(p);
   } else {
     constexpr int E = kChunk<scalar_t>;
@@ -472,7 +472,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       p.partials = partials.data_ptr<acc_t>();
       p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
     }
-    forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    reparam_kl_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -496,8 +496,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cud
   if (!eps.has_value()) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
-    TORCH_CHECK(gen->device() == mu.device(), "reparameterize_kl: generator must be on mu's device (",
-                mu.device(), "), got a generator on ", gen->device());
+    // torch.Generator(device="cuda") has no device index (its state is a seed and an offset, not
+    // tied to one card): it serves any CUDA device, as it does for torch's own ops. One made for a
+    // numbered device must be on mu's.
+    const c10::Device gen_device = gen->device();
+    TORCH_CHECK(!gen_device.has_index() || gen_device.index() == mu.device().index(),
+                "reparameterize_kl: generator must be on mu's device (", mu.device(),
+                "), got a generator on ", gen_device);
     // Draw k uses Philox stream offset + k, k < K; torch's CUDA generator wants increments that
     // are multiples of 4.
     const uint64_t increment = 4 * static_cast<uint64_t>((num_samples + 3) / 4);
@@ -598,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
                         16) &&
             (num_samples == 1 || layout.numel % kPack<scalar_t> == 0);
     const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-    backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    reparam_kl_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_logvar};
