@@ -75,7 +75,10 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # extension itself must be compiled with -fopenmp or the CPU kernels run on one thread.
 # -Wno-psabi: the CPU kernels pass 32-byte SIMD vectors between inline functions, which GCC
 # warns about when AVX is off (a note about calling conventions, irrelevant for inline code).
-extra = {"cxx": opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]}
+# -fno-trapping-math: fastelbo never unmasks floating-point exceptions, and without the flag GCC
+# may not turn a float comparison into a select (it might trap), which kept the per-element KL
+# loops scalar (csrc/elbo_math.h, expm1_logvar). Values are unchanged: no reassociation.
+extra = {"cxx": opt + ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]}
 define_macros = []
 include_dirs = [os.path.join(ROOT, "csrc")]
 if with_cuda:

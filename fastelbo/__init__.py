@@ -8,7 +8,8 @@ reconstruction, with their backward passes, behind a drop-in functional API:
     loss = rec + beta * kl                                   # the (beta-)VAE negative ELBO
 
 `fastelbo.reference` holds the same two functions in plain PyTorch (the validation oracle) and
-`fastelbo.ops` the torch.autograd.Function classes behind them.
+`fastelbo.ops` the compiled ops behind them (torch.ops.fastelbo.*, whose autograd is a C++
+torch::autograd::Function per forward op).
 """
 from ._extension import _C  # noqa: F401  (loads the kernels: registers torch.ops.fastelbo)
 from . import ops, reference

@@ -1,11 +1,11 @@
 """torch.library.opcheck on every compiled op, and torch.compile(fullgraph=True) of a function
 using both public functions against eager.
 
-The compiled ops have no autograd kernel of their own: autograd lives in the Python
-torch.autograd.Function classes of fastelbo.ops (ReparameterizeKL, GaussianReconLoss), which call
-the forward op and the backward op. So opcheck gets inputs that do not require grad (its
-autograd-registration check would otherwise, rightly, find no autograd kernel), and the gradients
-of the whole are checked through torch.compile below and gradcheck elsewhere.
+The two forward ops carry their own autograd (an Autograd-key kernel, csrc/autograd.cpp), so they
+are opchecked with inputs that require grad too: opcheck then also checks that the autograd
+registration is sound and traces the backward through the fake implementations. The backward ops
+are only ever called inside that autograd, below the autograd key, so they get inputs that do
+not require grad.
 
 The sampling op is opchecked with eps given: with eps it is a pure function of its inputs, while
 without it every call draws new numbers and opcheck's repeated-run comparisons could not agree.
@@ -37,6 +37,8 @@ def test_opcheck_reparameterize_kl(device, config):
     mu, logvar, eps = sample_inputs((3, 2, 5), dtype, device, seed=stable_seed("oc", config),
                                     num_samples=num_samples, requires_grad=False)
     opcheck(ops.reparameterize_kl, (mu, logvar, eps, None, num_samples, code, free_bits))
+    opcheck(ops.reparameterize_kl, (mu.detach().requires_grad_(), logvar.detach().requires_grad_(), eps, None,
+                                    num_samples, code, free_bits))
 
     # the backward op, with eps given and with eps regenerated from the forward's rng_state
     for e in (eps, None):
@@ -61,6 +63,9 @@ def test_opcheck_gaussian_recon_loss(device, reduction, dtype):
                             x_hat_grad=False)
     for save_grad_unit in (False, True):
         opcheck(ops.gaussian_recon_loss, (x_hat, x, code, save_grad_unit))
+        opcheck(ops.gaussian_recon_loss, (x_hat.detach().requires_grad_(), x, code, save_grad_unit))
+        opcheck(ops.gaussian_recon_loss, (x_hat.detach().requires_grad_(), x.detach().requires_grad_(), code,
+                                          save_grad_unit))
     loss, _ = ops.gaussian_recon_loss(x_hat, x, code, False)
     (grad_loss,) = random_grad_outputs((loss,), reduction, seed=2)
     for need in ((True, False), (False, True), (True, True)):

@@ -50,6 +50,18 @@ class NormalBlock {
     return values_[(group - first_) * 4 + (index & 3)];
   }
 
+  // The normals of indices [first, first + n) into out, in bulk: the per-element loops that use
+  // them then hold no call and vectorize.
+  void take(int64_t first, int64_t n, acc_t* out) {
+    for (int64_t i = first, end = first + n; i < end;) {
+      (*this)(i);  // buffers the groups from i's on
+      const int64_t buffered_end = std::min<int64_t>(end, static_cast<int64_t>(4 * (first_ + count_)));
+      const acc_t* src = values_ + (i - static_cast<int64_t>(4 * first_));
+      std::copy(src, src + (buffered_end - i), out + (i - first));
+      i = buffered_end;
+    }
+  }
+
  private:
   static constexpr uint64_t kGroups = 16;
   uint64_t seed_, stream_, end_group_;

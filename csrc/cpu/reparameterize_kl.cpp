@@ -56,12 +56,17 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLS
       acc_t logvar[kSubBlock], std[kSubBlock];
       for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
       posterior_std_block(logvar, n, std);
-      acc_t kl[kSubBlock];
+      acc_t e[kSubBlock], kl[kSubBlock];
+      if (eps) {
+        for (int64_t j = 0; j < n; ++j) e[j] = static_cast<acc_t>(eps[first + j]);
+      } else {
+        normal.take(first, n, e);
+      }
+      // No calls and no branches that cannot become selects: this loop vectorizes.
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = first + j;
         const acc_t mu = static_cast<acc_t>(a.mu[i]);
-        const acc_t e = eps ? static_cast<acc_t>(eps[i]) : normal(i);
-        z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std[j], e));
+        z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std[j], e[j]));
         kl[j] = math::kl_element(mu, logvar[j], std[j]);
       }
       if (k == 0) kl_sink(first, kl, n);
@@ -187,22 +192,35 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       acc_t lv[kSubBlock], std[kSubBlock];
       for (int64_t j = 0; j < n; ++j) lv[j] = static_cast<acc_t>(logvar[first + j]);
       posterior_std_block(lv, n, std);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = first + j;
-        acc_t grad_kl_i = grad_kl_row;
-        // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
-        if (position_mean && position_mean[i - b * D] < free_bits) grad_kl_i = 0;
-        acc_t grad_z_sum = 0, grad_z_eps_sum = 0;
-        if (grad_z) {
-          for (int64_t k = 0; k < num_samples; ++k) {
-            const acc_t g = static_cast<acc_t>(grad_z[k * N + i]);
-            const acc_t e = eps ? static_cast<acc_t>(eps[k * N + i]) : normals[k](i);
-            grad_z_sum += g;
-            grad_z_eps_sum += g * e;
+      // Sums over the draws of g and g * eps, draw by draw (the same order as one element at a
+      // time), in loops without calls so that they vectorize.
+      acc_t grad_z_sum[kSubBlock] = {}, grad_z_eps_sum[kSubBlock] = {};
+      if (grad_z) {
+        for (int64_t k = 0; k < num_samples; ++k) {
+          acc_t e[kSubBlock];
+          if (eps) {
+            for (int64_t j = 0; j < n; ++j) e[j] = static_cast<acc_t>(eps[k * N + first + j]);
+          } else {
+            normals[k].take(first, n, e);
+          }
+          const scalar_t* g = grad_z + k * N + first;
+          for (int64_t j = 0; j < n; ++j) {
+            grad_z_sum[j] += static_cast<acc_t>(g[j]);
+            grad_z_eps_sum[j] += static_cast<acc_t>(g[j]) * e[j];
           }
         }
-        grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(static_cast<acc_t>(mu[i]), grad_z_sum, grad_kl_i));
-        grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum, grad_kl_i));
+      }
+      acc_t grad_kl_j[kSubBlock];
+      for (int64_t j = 0; j < n; ++j) grad_kl_j[j] = grad_kl_row;
+      if (position_mean) {  // free bits: positions whose batch-mean KL is below the floor get no KL gradient
+        for (int64_t j = 0; j < n; ++j) {
+          if (position_mean[first + j - b * D] < free_bits) grad_kl_j[j] = 0;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = first + j;
+        grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(static_cast<acc_t>(mu[i]), grad_z_sum[j], grad_kl_j[j]));
+        grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]));
       }
     }
   });

@@ -59,34 +59,71 @@ __attribute__((target("avx2,fma"))) inline __m256 uniform_open01_avx2(__m256i bi
                        _mm256_set1_ps(1.1641532182693481e-10f));
 }
 
-// Four groups (16 normals) per iteration: the Philox bits scalar, the 8 Box-Muller pairs at once.
-// A last partial iteration computes all four groups into a scratch buffer and copies what was
-// asked for (cheaper than the scalar Box-Muller for even one group).
+// The high and low 32 bits of m * a for 8 lanes of 32 bits (Philox's mulhilo): vpmuludq
+// multiplies the even lanes, a second one the odd lanes shifted down, and blends put the halves
+// back in lane order.
+__attribute__((target("avx2,fma"))) inline void mulhilo8(__m256i a, uint32_t m, __m256i& hi, __m256i& lo) {
+  const __m256i factor = _mm256_set1_epi64x(m);
+  const __m256i even = _mm256_mul_epu32(a, factor);                        // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), factor);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Eight groups (32 normals) per iteration: Philox4x32-10 of the 8 groups in the 8 lanes of four
+// vectors (word w of group g + j in lane j of v[w]; math::philox4x32_10 one lane at a time), then
+// the 16 Box-Muller pairs 8 at a time. Integer-exact Philox; the transform is the formula of
+// math::box_muller4 with SLEEF's vector log and sincos. A last partial iteration computes all 8
+// groups into a scratch buffer and copies what was asked for.
 __attribute__((target("avx2,fma"))) void fill_avx2(uint64_t seed, uint64_t stream,
                                                     uint64_t first_group, int64_t count, float* out) {
-  for (int64_t g = 0; g < count; g += 4) {
-    alignas(32) float scratch[16];
-    const bool partial = g + 4 > count;
-    alignas(32) uint32_t u_radius[8], u_angle[8];
-    for (int k = 0; k < 4; ++k) {
-      const math::Philox4 bits = math::philox_group_bits(seed, stream, first_group + g + k);
-      // Pair p of group k (lanes 2k + p) uses bits (v[2p], v[2p + 1]), as box_muller4 does.
-      u_radius[2 * k] = bits.v[0];
-      u_angle[2 * k] = bits.v[1];
-      u_radius[2 * k + 1] = bits.v[2];
-      u_angle[2 * k + 1] = bits.v[3];
+  const __m256i stream_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream)));
+  const __m256i stream_hi =
+      _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32) ^ math::kStreamTag));
+  for (int64_t g = 0; g < count; g += 8) {
+    alignas(32) uint32_t group_lo[8], group_hi[8];
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t group = first_group + static_cast<uint64_t>(g + j);
+      group_lo[j] = static_cast<uint32_t>(group);
+      group_hi[j] = static_cast<uint32_t>(group >> 32);
     }
-    const __m256 u1 = uniform_open01_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(u_radius)));
-    const __m256 u2 = uniform_open01_avx2(_mm256_load_si256(reinterpret_cast<const __m256i*>(u_angle)));
-    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(u1)));
-    const SleefFloat8Pair sincos = Sleef_sincosf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), u2));
-    alignas(32) float cos_part[8], sin_part[8];
-    _mm256_store_ps(cos_part, _mm256_mul_ps(radius, sincos.y));
-    _mm256_store_ps(sin_part, _mm256_mul_ps(radius, sincos.x));
+    __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_lo));
+    __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(group_hi));
+    __m256i v2 = stream_lo, v3 = stream_hi;
+    uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(v0, math::kPhiloxM0, hi0, lo0);
+      mulhilo8(v2, math::kPhiloxM1, hi1, lo1);
+      const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(hi1, v1), _mm256_set1_epi32(static_cast<int>(key0)));
+      const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(hi0, v3), _mm256_set1_epi32(static_cast<int>(key1)));
+      v0 = next0;
+      v1 = lo1;
+      v2 = next2;
+      v3 = lo0;
+      key0 += math::kPhiloxW0;
+      key1 += math::kPhiloxW1;
+    }
+    // Pair p of a group uses bits (v[2p], v[2p + 1]): radius from v0 / v2, angle from v1 / v3.
+    const __m256 two_pi = _mm256_set1_ps(6.283185307179586f);
+    const __m256 minus_two = _mm256_set1_ps(-2.0f);
+    const __m256 radius0 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform_open01_avx2(v0))));
+    const __m256 radius1 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform_open01_avx2(v2))));
+    const SleefFloat8Pair angle0 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform_open01_avx2(v1)));
+    const SleefFloat8Pair angle1 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform_open01_avx2(v3)));
+    alignas(32) float n0[8], n1[8], n2[8], n3[8];
+    _mm256_store_ps(n0, _mm256_mul_ps(radius0, angle0.y));  // radius * cos
+    _mm256_store_ps(n1, _mm256_mul_ps(radius0, angle0.x));  // radius * sin
+    _mm256_store_ps(n2, _mm256_mul_ps(radius1, angle1.y));
+    _mm256_store_ps(n3, _mm256_mul_ps(radius1, angle1.x));
+    alignas(32) float scratch[32];
+    const bool partial = g + 8 > count;
     float* dst = partial ? scratch : out + 4 * g;
-    for (int lane = 0; lane < 8; ++lane) {
-      dst[2 * lane] = cos_part[lane];
-      dst[2 * lane + 1] = sin_part[lane];
+    for (int j = 0; j < 8; ++j) {
+      dst[4 * j] = n0[j];
+      dst[4 * j + 1] = n1[j];
+      dst[4 * j + 2] = n2[j];
+      dst[4 * j + 3] = n3[j];
     }
     if (partial) {
       for (int64_t i = 0; i < 4 * (count - g); ++i) out[4 * g + i] = scratch[i];

@@ -1,0 +1,238 @@
+// Autograd for the two forward ops, as C++ torch::autograd::Functions registered at the Autograd
+// dispatch key: calling torch.ops.fastelbo.reparameterize_kl / gaussian_recon_loss on tensors that
+// require grad records one node each, whose backward calls the backward op through the dispatcher
+// (which picks the CPU or CUDA kernel). In C++ rather than Python because at the sizes where a
+// fused loss matters most for latency (an MNIST VAE step) the Python autograd.Function machinery
+// (ctx objects, the engine calling back into Python for every backward) cost as much as the kernels.
+//
+// Under torch.compile the same code runs on fake tensors: AOTAutograd traces the forward op and,
+// through these nodes, the backward op (both have fake implementations in fastelbo/ops.py).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "fastelbo.h"
+
+namespace fastelbo {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---- the ops, called below the autograd key ----------------------------------------------------
+
+using ReparamKLResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+ReparamKLResult call_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                                       const std::optional<at::Tensor>& eps,
+                                       const std::optional<at::Generator>& generator,
+                                       int64_t num_samples, int64_t reduction, double free_bits) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastelbo::reparameterize_kl", "")
+                             .typed<ReparamKLResult(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&,
+                                                    std::optional<at::Generator>, int64_t, int64_t,
+                                                    double)>();
+  return op.call(mu, logvar, eps, generator, num_samples, reduction, free_bits);
+}
+
+TensorPair call_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
+                                           const std::optional<at::Tensor>& grad_kl,
+                                           const at::Tensor& mu, const at::Tensor& logvar,
+                                           const std::optional<at::Tensor>& eps,
+                                           const at::Tensor& rng_state,
+                                           const at::Tensor& kl_position_mean, int64_t num_samples,
+                                           int64_t reduction, double free_bits) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastelbo::reparameterize_kl_backward", "")
+          .typed<TensorPair(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>();
+  return op.call(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean, num_samples,
+                 reduction, free_bits);
+}
+
+TensorPair call_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+                                    bool save_grad_unit) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastelbo::gaussian_recon_loss", "")
+          .typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  return op.call(x_hat, x, reduction, save_grad_unit);
+}
+
+TensorPair call_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
+                                             const at::Tensor& x, int64_t reduction,
+                                             bool need_grad_x_hat, bool need_grad_x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastelbo::gaussian_recon_loss_backward", "")
+                             .typed<TensorPair(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, bool, bool)>();
+  return op.call(grad_loss, x_hat, x, reduction, need_grad_x_hat, need_grad_x);
+}
+
+// Whether t is a real CPU number equal to 1 (reading it then costs no device sync). Under tracing
+// (fake, functional or symbolic-shape tensors: torch.compile, opcheck) its value is unknown: no.
+bool is_cpu_one(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.key_set();
+  if (!t.is_cpu() || keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize) ||
+      t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return false;
+  }
+  return t.numel() == 1 && t.item<double>() == 1.0;
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// ---- double backward --------------------------------------------------------------------------
+
+// Identity on one first-order gradient, whose own backward raises. The first-order gradients are
+// exact; a graph built over them (create_graph=True) would treat them as constants and be
+// silently wrong, so they are routed through this node instead. Its inputs also include the
+// tensors the gradient depends on (the op's inputs and incoming gradients), so that the node sits
+// on every path from the gradient back to them: both g.sum().backward() and
+// torch.autograd.grad(g.sum(), mu) reach the error.
+struct RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {
+  static at::Tensor forward(AutogradContext* ctx, const std::string& op_name, const at::Tensor& grad,
+                            const std::optional<at::Tensor>& depends_on_0,
+                            const std::optional<at::Tensor>& depends_on_1,
+                            const std::optional<at::Tensor>& depends_on_2,
+                            const std::optional<at::Tensor>& depends_on_3) {
+    ctx->saved_data["op"] = op_name;
+    return grad;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list /*grad_outputs*/) {
+    TORCH_CHECK(false, "fastelbo: double backward (differentiating the gradients of ",
+                ctx->saved_data["op"].toStringRef(),
+                ") is not supported; use fastelbo.reference for higher-order gradients");
+    return {};
+  }
+};
+
+// The gradients as they are in a plain backward; with create_graph=True (grad mode on inside the
+// backward), each defined one through RefuseDoubleBackward.
+void refuse_double_backward(const char* op_name, variable_list& grads,
+                            const std::optional<at::Tensor>& depends_on_0,
+                            const std::optional<at::Tensor>& depends_on_1,
+                            const std::optional<at::Tensor>& depends_on_2,
+                            const std::optional<at::Tensor>& depends_on_3) {
+  if (!at::GradMode::is_enabled()) return;  // the usual case: backward without create_graph
+  for (at::Tensor& grad : grads) {
+    if (!grad.defined()) continue;
+    grad = RefuseDoubleBackward::apply(std::string(op_name), grad, depends_on_0, depends_on_1,
+                                       depends_on_2, depends_on_3);
+  }
+}
+
+// ---- reparameterize_kl --------------------------------------------------------------------------
+
+// z = mu + exp(logvar / 2) * eps and the reduced KL. The backward regenerates eps from the
+// (seed, offset) the forward used (rng_state), so eps is never stored.
+struct ReparameterizeKLFunction : public torch::autograd::Function<ReparameterizeKLFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
+                               const std::optional<at::Tensor>& eps,
+                               const std::optional<at::Generator>& generator, int64_t num_samples,
+                               int64_t reduction, double free_bits) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [z, kl, rng_state, kl_position_mean] =
+        call_reparameterize_kl(mu, logvar, eps, generator, num_samples, reduction, free_bits);
+    ctx->save_for_backward({mu, logvar, eps.value_or(at::Tensor()), rng_state, kl_position_mean});
+    ctx->saved_data["num_samples"] = num_samples;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["free_bits"] = free_bits;
+    ctx->mark_non_differentiable({rng_state, kl_position_mean});
+    // An unused output (z or kl) gets an undefined gradient instead of zeros: no wasted pass.
+    ctx->set_materialize_grads(false);
+    return {z, kl, rng_state, kl_position_mean};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &mu = saved[0], &logvar = saved[1], &eps = saved[2];
+    const std::optional<at::Tensor> grad_z = defined_or_none(grad_outputs[0]);
+    const std::optional<at::Tensor> grad_kl = defined_or_none(grad_outputs[1]);
+    variable_list grads(2);
+    if (grad_z.has_value() || grad_kl.has_value()) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grads[0], grads[1]) = call_reparameterize_kl_backward(
+          grad_z, grad_kl, mu, logvar, defined_or_none(eps), saved[3], saved[4],
+          ctx->saved_data["num_samples"].toInt(), ctx->saved_data["reduction"].toInt(),
+          ctx->saved_data["free_bits"].toDouble());
+    }
+    refuse_double_backward("reparameterize_kl", grads, mu, logvar, grad_z, grad_kl);
+    // One entry per forward argument: mu, logvar, eps, generator, num_samples, reduction, free_bits.
+    return {grads[0], grads[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+ReparamKLResult reparameterize_kl_autograd(const at::Tensor& mu, const at::Tensor& logvar,
+                                           const std::optional<at::Tensor>& eps,
+                                           std::optional<at::Generator> generator,
+                                           int64_t num_samples, int64_t reduction,
+                                           double free_bits) {
+  variable_list out = ReparameterizeKLFunction::apply(mu, logvar, eps, generator, num_samples,
+                                                      reduction, free_bits);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// ---- gaussian_recon_loss ------------------------------------------------------------------------
+
+// The reduced 1/2 ||x_hat - x||^2. save_grad_unit (CPU; fastelbo.gaussian_recon_loss decides):
+// the forward also wrote scale * (x_hat - x), the gradient for an incoming gradient of exactly 1,
+// and the backward of the usual loss.backward() hands it back with no pass over memory.
+struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReconLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& x,
+                               int64_t reduction, bool save_grad_unit) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad_unit] = call_gaussian_recon_loss(x_hat, x, reduction, save_grad_unit);
+    ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit : at::Tensor()});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({grad_unit});
+    return {loss, grad_unit};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x_hat = saved[0], &x = saved[1], &grad_unit = saved[2];
+    const at::Tensor& grad_loss = grad_outputs[0];
+    const bool need_x_hat = ctx->needs_input_grad(0), need_x = ctx->needs_input_grad(1);
+    variable_list grads(2);
+    if (grad_unit.defined() && is_cpu_one(grad_loss)) {
+      grads[0] = grad_unit;
+      if (need_x) grads[1] = -grad_unit;
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(grads[0], grads[1]) = call_gaussian_recon_loss_backward(
+          grad_loss, x_hat, x, ctx->saved_data["reduction"].toInt(), need_x_hat, need_x);
+    }
+    if (!need_x_hat) grads[0] = at::Tensor();
+    if (!need_x) grads[1] = at::Tensor();
+    refuse_double_backward("gaussian_recon_loss", grads, x_hat, x, grad_loss, std::nullopt);
+    // One entry per forward argument: x_hat, x, reduction, save_grad_unit.
+    return {grads[0], grads[1], at::Tensor(), at::Tensor()};
+  }
+};
+
+TensorPair gaussian_recon_loss_autograd(const at::Tensor& x_hat, const at::Tensor& x,
+                                        int64_t reduction, bool save_grad_unit) {
+  variable_list out = GaussianReconLossFunction::apply(x_hat, x, reduction, save_grad_unit);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace fastelbo
+
+// The Autograd alias key covers every backend's autograd key (AutogradCPU, AutogradCUDA, ...).
+TORCH_LIBRARY_IMPL(fastelbo, Autograd, m) {
+  m.impl("reparameterize_kl", &fastelbo::reparameterize_kl_autograd);
+  m.impl("gaussian_recon_loss", &fastelbo::gaussian_recon_loss_autograd);
+}
