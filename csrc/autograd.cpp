@@ -197,6 +197,9 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit : at::Tensor()});
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({grad_unit});
+    // No zero-filled stand-in gradient for grad_unit (an x_hat-sized output that is never
+    // differentiated) nor for an unused loss.
+    ctx->set_materialize_grads(false);
     return {loss, grad_unit};
   }
 
@@ -206,6 +209,9 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     const at::Tensor& grad_loss = grad_outputs[0];
     const bool need_x_hat = ctx->needs_input_grad(0), need_x = ctx->needs_input_grad(1);
     variable_list grads(2);
+    if (!grad_loss.defined()) {  // the loss was not used: no gradient
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     if (grad_unit.defined() && is_cpu_one(grad_loss)) {
       grads[0] = grad_unit;
       if (need_x) grads[1] = -grad_unit;

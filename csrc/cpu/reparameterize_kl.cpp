@@ -24,7 +24,10 @@ namespace {
 template <typename acc_t>
 acc_t pairwise_sum(const acc_t* values, int64_t n) {
   acc_t buffer[kSubBlock];
-  for (int64_t j = 0; j < kSubBlock; ++j) buffer[j] = j < n ? values[j] : acc_t(0);
+  // A copy and a fill (memcpy / memset speed); a single loop with `j < n ? values[j] : 0` here
+  // compiled to a slow scalar loop that cost a third of the forward on 20-element rows.
+  std::copy(values, values + n, buffer);
+  std::fill(buffer + n, buffer + kSubBlock, acc_t(0));
   for (int64_t half = kSubBlock / 2; half > 0; half /= 2) {
     for (int64_t j = 0; j < half; ++j) buffer[j] += buffer[j + half];
   }
