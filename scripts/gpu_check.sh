@@ -8,6 +8,8 @@
 #   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
 #   racecheck  compute-sanitizer --tool racecheck on the same driver
 #   slow       the > 2^31-element test
+#   bench-compile  fastelbo bench with the torch.compile provider too (mnist-mlp, ldm-ae-256; fp32,
+#              forward+backward): compilation is slow, so it runs after everything else
 #   abi-probe  scripts/abi_probe.py: the image's C++ toolchain, and whether a TORCH_CHECK message
 #              with a streamed number crashes extensions built with it (see that script)
 # Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default
@@ -215,6 +217,10 @@ fi
 # ---- the slow test -------------------------------------------------------------------------------
 run_step slow 90 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py -m slow
 
+# ---- torch.compile on the GPU ------------------------------------------------------------------------
+run_step bench-compile 150 "$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 --dtypes fp32 \
+  --modes fwd+bwd --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench-compile"
+
 # ---- the toolchain probe ---------------------------------------------------------------------------
 run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
 
@@ -236,6 +242,7 @@ run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
     [[ -f "$LOGS/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$LOGS/$tool.log" | tail -n 1)"
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
+  [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
   "$PYTHON" - "$LOGS/bench/bench.json" << 'EOF'
 import json
 import sys
@@ -283,6 +290,7 @@ EOF
 
 cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench/bench.json" ]] && cp "$LOGS/bench/bench.json" "$OUT/bench.json"
+[[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 
 for status in "${STATUS[@]}"; do
