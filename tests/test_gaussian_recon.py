@@ -178,3 +178,28 @@ def test_recon_sum_accuracy_one_large_term(device, dtype):
     loss64 = ref("sum")(x_hat.double(), x.double())
     assert loss64.item() == 0.5 * 5792.0**2 + 0.5 * (n - 1)
     assert_close_fp64(loss, loss_same, loss64, "loss")
+
+
+def test_loss_step_runs_no_fill_or_copy_over_the_data(device):
+    """A training step through both ops does no x_hat-sized fill, zero or copy besides the fused
+    kernels: autograd must not materialize a zero gradient for the recon op's grad_unit output (it
+    did once, costing a pass over x_hat per step), nor copy the gradient it hands over."""
+    x_hat = torch.randn(64, 300, device=device, requires_grad=True)
+    x = torch.randn(64, 300, device=device)
+    mu = torch.randn(64, 20, device=device, requires_grad=True)
+    logvar = torch.randn(64, 20, device=device, requires_grad=True)
+
+    def step():
+        x_hat.grad = mu.grad = logvar.grad = None
+        z, kl = fastelbo.reparameterize_kl(mu, logvar)
+        (fastelbo.gaussian_recon_loss(x_hat, x) + kl + z.sum()).backward()
+
+    step()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        step()
+    suspects = ("aten::fill_", "aten::zero_", "aten::zeros", "aten::copy_", "aten::clone")
+    big = [(e.name, e.input_shapes) for e in prof.events()
+           if e.name in suspects and any(len(s) > 0 and s[0] * (s[1] if len(s) > 1 else 1) >= x_hat.numel()
+                                         for s in e.input_shapes if isinstance(s, list))]
+    assert not big, f"x_hat-sized fills or copies in a loss step: {big}"
+    assert x_hat.grad is not None and torch.isfinite(x_hat.grad).all()
