@@ -69,6 +69,17 @@ class NormalBlock {
   acc_t values_[4 * kGroups];
 };
 
+// eps of elements [first, first + n) of one draw into out: the caller's eps for that draw
+// (`given`, converted) when there is one, else the draw's normals.
+template <typename scalar_t, typename acc_t>
+void take_eps(const scalar_t* given, NormalBlock<acc_t>& normal, int64_t first, int64_t n, acc_t* out) {
+  if (given) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(given[first + j]);
+  } else {
+    normal.take(first, n, out);
+  }
+}
+
 // Elements per sub-block of the sample+KL loops: logvar is converted and exponentiated a sub-block
 // at a time (vectorized), then the rest runs element by element.
 constexpr int64_t kSubBlock = 64;

@@ -60,11 +60,7 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLS
       for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
       posterior_std_block(logvar, n, std);
       acc_t e[kSubBlock], kl[kSubBlock];
-      if (eps) {
-        for (int64_t j = 0; j < n; ++j) e[j] = static_cast<acc_t>(eps[first + j]);
-      } else {
-        normal.take(first, n, e);
-      }
+      take_eps(eps, normal, first, n, e);
       // No calls and no branches that cannot become selects: this loop vectorizes.
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = first + j;
@@ -185,7 +181,7 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
     const acc_t grad_kl_row =
         grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
     c10::SmallVector<NormalBlock<acc_t>, 2> normals;
-    if (grad_z && !eps) {
+    if (grad_z) {  // (nothing is drawn until a normal is taken: free when eps is given)
       for (int64_t k = 0; k < num_samples; ++k) {
         normals.emplace_back(seed, offset + static_cast<uint64_t>(k), chunking.end(task));
       }
@@ -201,11 +197,7 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       if (grad_z) {
         for (int64_t k = 0; k < num_samples; ++k) {
           acc_t e[kSubBlock];
-          if (eps) {
-            for (int64_t j = 0; j < n; ++j) e[j] = static_cast<acc_t>(eps[k * N + first + j]);
-          } else {
-            normals[k].take(first, n, e);
-          }
+          take_eps(eps ? eps + k * N : nullptr, normals[k], first, n, e);
           const scalar_t* g = grad_z + k * N + first;
           for (int64_t j = 0; j < n; ++j) {
             grad_z_sum[j] += static_cast<acc_t>(g[j]);
