@@ -152,10 +152,6 @@ template <typename acc_t>
 FASTELBO_HD acc_t kl_element(acc_t mu, acc_t logvar, acc_t std) {
   return static_cast<acc_t>(0.5) * (mu * mu + expm1_logvar(logvar, std) - logvar);
 }
-template <typename acc_t>
-FASTELBO_HD acc_t kl_element(acc_t mu, acc_t logvar) {
-  return kl_element(mu, logvar, posterior_std(logvar));
-}
 
 // Gradients of one latent element. grad_z_sum = sum_k g_z[k]; grad_z_eps_sum = sum_k g_z[k] * eps[k]
 // (the backward regenerates eps from the saved RNG state instead of using (z - mu) / std, which

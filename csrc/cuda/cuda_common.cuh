@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -53,6 +54,41 @@ inline int64_t flat_blocks(int64_t work) {
 
 inline bool is_aligned(const void* p, size_t alignment) {
   return reinterpret_cast<uintptr_t>(p) % alignment == 0;
+}
+
+// Whether every pointer that is given (not nullptr) is aligned: the condition of the vector paths.
+inline bool all_aligned(std::initializer_list<const void*> pointers, size_t alignment) {
+  for (const void* ptr : pointers) {
+    if (ptr != nullptr && !is_aligned(ptr, alignment)) return false;
+  }
+  return true;
+}
+
+inline int64_t round_up_warp(int64_t v) { return std::max<int64_t>(32, (v + 31) / 32 * 32); }
+
+// Launch shape of a "rows" kernel (reduction "none"): each sample's `windows` windows are cut into
+// `tiles` tiles of windows_per_tile windows, a block sums one (sample, tile) segment at a time, and
+// each thread takes windows_per_thread windows per pass. Short samples get fewer threads (a
+// multiple of 32); a small batch gets several tiles per sample (at most one wave of blocks), whose
+// sums the last block adds (finish_rows). Depends on the problem size only: fixed summation order.
+struct RowsGrid {
+  int64_t threads;
+  int64_t tiles;
+  int64_t windows_per_tile;
+  int64_t blocks;
+};
+
+inline RowsGrid rows_grid(int64_t batch, int64_t windows, int64_t windows_per_thread) {
+  RowsGrid g;
+  g.threads = std::min<int64_t>(kThreads, round_up_warp(ceil_div(windows, windows_per_thread)));
+  int64_t tiles = 1;
+  if (batch < kMaxBlocks) {
+    tiles = std::max<int64_t>(1, std::min(ceil_div(windows, g.threads * windows_per_thread), kMaxBlocks / batch));
+  }
+  g.windows_per_tile = ceil_div(windows, tiles);
+  g.tiles = ceil_div(windows, g.windows_per_tile);  // no empty tile
+  g.blocks = g.tiles > 1 ? batch * g.tiles /* <= kMaxBlocks */ : std::min<int64_t>(batch, 4 * kMaxBlocks);
+  return g;
 }
 
 // ---- vector access --------------------------------------------------------------------------
@@ -100,6 +136,22 @@ __device__ __forceinline__ Packed<scalar_t, N> load_pack(const scalar_t* __restr
     for (int e = 0; e < N; ++e) r.v[e] = e < count ? p[e] : static_cast<scalar_t>(0.0f);
   }
   return r;
+}
+
+// The U chunk pairs (a, b) at chunk indices c, c + step, ..., c + (U - 1) step that are below
+// `end`, E elements each, as aligned vector loads, all issued before any is used (U loads of
+// each in flight per thread). Chunks at or past `end` are left unset: test the index before use.
+template <int U, int E, typename scalar_t>
+__device__ __forceinline__ void load_chunk_pairs(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                                 int64_t c, int64_t step, int64_t end,
+                                                 Packed<scalar_t, E> (&a_out)[U], Packed<scalar_t, E> (&b_out)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (c + u * step < end) {
+      a_out[u] = load_pack<true, E>(a + (c + u * step) * E, E);
+      b_out[u] = load_pack<true, E>(b + (c + u * step) * E, E);
+    }
+  }
 }
 
 // Stores N values at p: one aligned vector access when kFull, else only the first `count`.
@@ -288,6 +340,17 @@ __device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, u
   return true;
 }
 
+// Reduces every thread's `value` over the grid and writes the total times `scale` to *out (one
+// thread of one block). The scaling is done in double, as on the CPU: total * scale rounded once.
+// Every thread of every block must call it.
+template <typename acc_t>
+__device__ __forceinline__ void write_grid_sum(acc_t value, acc_t* out, acc_t* partials, unsigned int slot,
+                                               double scale) {
+  value = block_sum(value);
+  acc_t total;
+  if (grid_total(value, partials, slot, total)) *out = static_cast<acc_t>(static_cast<double>(total) * scale);
+}
+
 // Per-sample sums of a "rows" kernel: segment s = (sample b, tile c) of `tiles` tiles per sample.
 // With one tile the block that summed a sample writes it; otherwise every segment's sum goes to
 // partials[s] and the last block adds each sample's tiles in order. Call after the segment loop.
@@ -359,6 +422,27 @@ inline unsigned int ticket_slot(const c10::cuda::CUDAStream& stream) {
   const unsigned int slot = static_cast<unsigned int>(eager_slots.size());
   eager_slots.emplace(key, slot);
   return slot;
+}
+
+// The per-block partial sums and the ticket slot of a reduction over `blocks` blocks; a 1-block
+// grid needs neither (buffer undefined, data nullptr). The buffer must outlive the launch only in
+// stream order, which the caching allocator guarantees.
+template <typename acc_t>
+struct Partials {
+  at::Tensor buffer;
+  acc_t* data = nullptr;
+  unsigned int slot = 0;
+};
+
+template <typename acc_t>
+Partials<acc_t> reduction_partials(int64_t blocks, const at::TensorOptions& options) {
+  Partials<acc_t> out;
+  if (blocks > 1) {
+    out.buffer = at::empty({blocks}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    out.data = out.buffer.template data_ptr<acc_t>();
+    out.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
+  }
+  return out;
 }
 
 }  // namespace cuda

@@ -84,13 +84,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     const int64_t full_chunks = n / E;
     for (int64_t c = tid; c < full_chunks; c += kUnroll * stride) {
       Packed<scalar_t, E> x_hat[kUnroll], x[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // every load in flight before the first use
-        if (c + u * stride < full_chunks) {
-          x_hat[u] = load_pack<true, E>(p.x_hat + (c + u * stride) * E, E);
-          x[u] = load_pack<true, E>(p.x + (c + u * stride) * E, E);
-        }
-      }
+      load_chunk_pairs(p.x_hat, p.x, c, stride, full_chunks, x_hat, x);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (c + u * stride < full_chunks) recon_chunk<true>(p, (c + u * stride) * E, E, x_hat[u], x[u], sum);
@@ -105,12 +99,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   } else {
     recon_scalar_range(p, 0, n, tid, stride, sum);
   }
-  sum = block_sum(sum);
-  acc_t total;
-  if (grid_total(sum, p.partials, p.slot, total)) {
-    // Scaled in double, as on the CPU: total / B rounded once.
-    p.loss[0] = static_cast<acc_t>(static_cast<double>(total) * p.scale);
-  }
+  write_grid_sum(sum, p.loss, p.partials, p.slot, p.scale);
 }
 
 // ---- forward: rows ("none") -----------------------------------------------------------------
@@ -135,13 +124,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     if (p.vec) {  // d % E == 0: every window is a whole aligned 16-byte chunk
       for (int64_t w = w_begin + threadIdx.x; w < w_end; w += kRowsUnroll * threads) {
         Packed<scalar_t, E> x_hat[kRowsUnroll], x[kRowsUnroll];
-#pragma unroll
-        for (int u = 0; u < kRowsUnroll; ++u) {
-          if (w + u * threads < w_end) {
-            x_hat[u] = load_pack<true, E>(p.x_hat + row + (w + u * threads) * E, E);
-            x[u] = load_pack<true, E>(p.x + row + (w + u * threads) * E, E);
-          }
-        }
+        load_chunk_pairs(p.x_hat + row, p.x + row, w, threads, w_end, x_hat, x);
 #pragma unroll
         for (int u = 0; u < kRowsUnroll; ++u) {
           if (w + u * threads < w_end) recon_chunk<true>(p, row + (w + u * threads) * E, E, x_hat[u], x[u], sum);
@@ -227,13 +210,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     if (!p.per_sample) {
       for (int64_t c = tid; c < full_chunks; c += kUnroll * stride) {
         Packed<scalar_t, E> x_hat[kUnroll], x[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {  // every load in flight before the first use
-          if (c + u * stride < full_chunks) {
-            x_hat[u] = load_pack<true, E>(p.x_hat + (c + u * stride) * E, E);
-            x[u] = load_pack<true, E>(p.x + (c + u * stride) * E, E);
-          }
-        }
+        load_chunk_pairs(p.x_hat, p.x, c, stride, full_chunks, x_hat, x);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           if (c + u * stride < full_chunks) {
@@ -279,13 +256,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 
 // ---- host -----------------------------------------------------------------------------------
 
-bool all_aligned(std::initializer_list<const void*> pointers, size_t alignment) {
-  for (const void* ptr : pointers) {
-    if (ptr != nullptr && !is_aligned(ptr, alignment)) return false;
-  }
-  return true;
-}
-
 std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_hat,
                                                             const at::Tensor& x, int64_t reduction,
                                                             bool save_grad_unit) {
@@ -305,7 +275,6 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int E = kPack<scalar_t>;
-    const auto acc_options = x_hat.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     ForwardParams<scalar_t> p{};
     p.x_hat = x_hat_c.const_data_ptr<scalar_t>();
     p.x = x_c.const_data_ptr<scalar_t>();
@@ -319,38 +288,24 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
     p.grad_scale = static_cast<acc_t>(scale);
     p.slot = 0;
     const bool aligned = all_aligned({p.x_hat, p.x, p.grad_unit}, 16);
-    at::Tensor partials;
+    Partials<acc_t> partials;  // kept alive until the launch is enqueued
     if (reduction == kNone) {
-      const int64_t d = layout.per_sample, batch = layout.batch;
-      const int64_t windows = ceil_div(d, E);
-      // Short samples: fewer threads per block (a multiple of 32), so few lanes idle.
-      const int64_t threads =
-          std::min<int64_t>(kThreads, std::max<int64_t>(32, ceil_div(ceil_div(windows, kRowsUnroll), 32) * 32));
-      int64_t tiles = 1;
-      if (batch < kMaxBlocks) {
-        tiles = std::max<int64_t>(1, std::min(ceil_div(windows, threads * kRowsUnroll), kMaxBlocks / batch));
-      }
-      p.windows_per_tile = ceil_div(windows, tiles);
-      tiles = ceil_div(windows, p.windows_per_tile);  // no empty tile
-      p.tiles_per_row = tiles;
+      const int64_t d = layout.per_sample;
+      const RowsGrid grid = rows_grid(layout.batch, ceil_div(d, E), kRowsUnroll);
+      p.windows_per_tile = grid.windows_per_tile;
+      p.tiles_per_row = grid.tiles;
       p.vec = aligned && d % E == 0;
-      int64_t blocks = std::min<int64_t>(batch, 4 * kMaxBlocks);
-      if (tiles > 1) {
-        blocks = batch * tiles;  // <= kMaxBlocks
-        partials = at::empty({blocks}, acc_options);
-        p.partials = partials.data_ptr<acc_t>();
-        p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
-      }
+      partials = reduction_partials<acc_t>(grid.tiles > 1 ? grid.blocks : 1, x_hat.options());  // 1 tile: no ticket
+      p.partials = partials.data;
+      p.slot = partials.slot;
       recon_forward_rows_kernel<scalar_t>
-          <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(p);
+          <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
     } else {
       p.vec = aligned;
       const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-      if (blocks > 1) {
-        partials = at::empty({blocks}, acc_options);
-        p.partials = partials.data_ptr<acc_t>();
-        p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
-      }
+      partials = reduction_partials<acc_t>(blocks, x_hat.options());
+      p.partials = partials.data;
+      p.slot = partials.slot;
       recon_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

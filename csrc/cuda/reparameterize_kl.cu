@@ -86,45 +86,57 @@ __device__ __forceinline__ void normals4(uint64_t seed, uint64_t stream, int64_t
   }
 }
 
+// Calls use(e0, eps) for each group of 4 elements e0 .. e0 + 3 (e0 = 0, 4, .., R - 4) of the R
+// elements at i0 of draw k, eps holding their 4 normals: read from `eps` when the caller gave it
+// (only the first `count` unless kFull; the rest 0), else drawn from (seed, offset + k) by Philox
+// + Box-Muller. One group at a time, so that only 4 normals are live at once.
+template <bool kFull, bool kGroupAligned, int R, typename scalar_t, typename Use>
+__device__ __forceinline__ void for_each_eps_group(const scalar_t* eps, int64_t numel, uint64_t seed,
+                                                   uint64_t offset, int64_t k, int64_t i0, int count, Use&& use) {
+  static_assert(R % 4 == 0, "runs cover whole 4-element Philox groups");
+  using acc_t = at::opmath_type<scalar_t>;
+  if (eps != nullptr) {
+    const Packed<scalar_t, R> given = load_pack<kFull, R>(eps + k * numel + i0, count);
+#pragma unroll
+    for (int q = 0; q < R / 4; ++q) {
+      acc_t group[4];
+#pragma unroll
+      for (int l = 0; l < 4; ++l) group[l] = to_acc<acc_t>(given.v[4 * q + l]);
+      use(4 * q, group);
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < R / 4; ++q) {
+      acc_t group[4];
+      normals4<kGroupAligned>(seed, offset + static_cast<uint64_t>(k), i0 + 4 * q, group);
+      use(4 * q, group);
+    }
+  }
+}
+
 // Writes z for the R elements at i0 (only the first `count` unless kFull) for every draw, and
 // returns their KL values in kl (0 past `count`). kFull: aligned vector accesses.
 template <bool kFull, bool kGroupAligned, int R, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uint64_t seed,
                                            uint64_t offset, int64_t i0, int count, acc_t (&kl)[R]) {
-  static_assert(R % 4 == 0, "runs cover whole 4-element Philox groups");
   const Packed<scalar_t, R> mu = load_pack<kFull, R>(p.mu + i0, count);
   const Packed<scalar_t, R> logvar = load_pack<kFull, R>(p.logvar + i0, count);
   for (int64_t k = 0; k < p.num_samples; ++k) {
     acc_t z[R];
-    if (p.eps != nullptr) {
-      const Packed<scalar_t, R> eps = load_pack<kFull, R>(p.eps + k * p.numel + i0, count);
+    for_each_eps_group<kFull, kGroupAligned, R>(p.eps, p.numel, seed, offset, k, i0, count,
+                                                [&](int e0, const acc_t (&eps)[4]) {
 #pragma unroll
-      for (int e = 0; e < R; ++e) {
-        z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]),
-                                            math::posterior_std(to_acc<acc_t>(logvar.v[e])),
-                                            to_acc<acc_t>(eps.v[e]));
+      for (int l = 0; l < 4; ++l) {
+        z[e0 + l] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e0 + l]),
+                                                 math::posterior_std(to_acc<acc_t>(logvar.v[e0 + l])), eps[l]);
       }
-    } else {
-#pragma unroll
-      for (int q = 0; q < R / 4; ++q) {
-        acc_t eps[4];
-        normals4<kGroupAligned>(seed, offset + static_cast<uint64_t>(k), i0 + 4 * q, eps);
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          const int e = 4 * q + l;
-          z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]),
-                                              math::posterior_std(to_acc<acc_t>(logvar.v[e])),
-                                              eps[l]);
-        }
-      }
-    }
+    });
     store_pack<kFull, R>(p.z + k * p.numel + i0, z, count);
   }
 #pragma unroll
   for (int e = 0; e < R; ++e) {
-    kl[e] = kFull || e < count
-                ? math::kl_element(to_acc<acc_t>(mu.v[e]), to_acc<acc_t>(logvar.v[e]))
-                : acc_t(0);
+    const acc_t lv = to_acc<acc_t>(logvar.v[e]);
+    kl[e] = kFull || e < count ? math::kl_element(to_acc<acc_t>(mu.v[e]), lv, math::posterior_std(lv)) : acc_t(0);
   }
 }
 
@@ -181,12 +193,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 #pragma unroll
     for (int e = 0; e < E; ++e) sum += kl[e];
   }
-  sum = block_sum(sum);
-  acc_t total;
-  if (grid_total(sum, p.partials, p.slot, total)) {
-    // Scaled in double, as on the CPU: total / B rounded once.
-    p.kl[0] = static_cast<acc_t>(static_cast<double>(total) * p.scale);
-  }
+  write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
 }
 
 // ---- forward: rows ("none") -----------------------------------------------------------------
@@ -316,25 +323,14 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
 #pragma unroll
         for (int e = 0; e < E; ++e) g[e] = to_acc<acc_t>(raw.v[e]);
       }
-      if (p.eps != nullptr) {
-        const Packed<scalar_t, E> eps = load_pack<kFull, E>(p.eps + k * p.numel + i0, count);
+      for_each_eps_group<kFull, true, E>(p.eps, p.numel, seed, offset, k, i0, count,
+                                         [&](int e0, const acc_t (&eps)[4]) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          grad_z_sum[e] += g[e];
-          grad_z_eps_sum[e] += g[e] * to_acc<acc_t>(eps.v[e]);
+        for (int l = 0; l < 4; ++l) {
+          grad_z_sum[e0 + l] += g[e0 + l];
+          grad_z_eps_sum[e0 + l] += g[e0 + l] * eps[l];
         }
-      } else {
-#pragma unroll
-        for (int q = 0; q < E / 4; ++q) {
-          acc_t eps[4];
-          normals4<true>(seed, offset + static_cast<uint64_t>(k), i0 + 4 * q, eps);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            grad_z_sum[4 * q + l] += g[4 * q + l];
-            grad_z_eps_sum[4 * q + l] += g[4 * q + l] * eps[l];
-          }
-        }
-      }
+      });
     }
   }
   acc_t grad_kl[E];
@@ -409,25 +405,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 
 // ---- host -----------------------------------------------------------------------------------
 
-bool all_aligned(std::initializer_list<const void*> pointers, size_t alignment) {
-  for (const void* ptr : pointers) {
-    if (ptr != nullptr && !is_aligned(ptr, alignment)) return false;
-  }
-  return true;
-}
-
-int64_t round_up_warp(int64_t v) { return std::max<int64_t>(32, (v + 31) / 32 * 32); }
-
 template <typename scalar_t>
 void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bits,
                     const at::Tensor& mu, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto acc_options = mu.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t n = p.numel, batch = p.batch, d = p.per_sample, k = p.num_samples;
   const int64_t windows = ceil_div(d, kWindow);
   const size_t window_align = kPackedAlign<scalar_t, kWindow>;
   const bool windows_vec = d % kWindow == 0 && all_aligned({p.mu, p.logvar, p.eps, p.z}, window_align);
-  at::Tensor partials;
+  Partials<acc_t> partials;  // kept alive until the launch is enqueued
 
   if (free_bits > 0.0) {
     // Columns: TW windows per block; narrower tiles (more lanes over the batch, more blocks) while
@@ -438,40 +424,27 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
     const int64_t blocks = std::min<int64_t>(ceil_div(windows, tw), kMaxBlocks);
     p.col_windows = tw;
     p.vec = windows_vec;
-    if (blocks > 1) {
-      partials = at::empty({blocks}, acc_options);
-      p.partials = partials.data_ptr<acc_t>();
-      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
-    }
+    partials = reduction_partials<acc_t>(blocks, mu.options());
+    p.partials = partials.data;
+    p.slot = partials.slot;
     reparam_kl_forward_columns_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
   } else if (reduction == kNone) {
-    const int64_t threads = std::min<int64_t>(kThreads, round_up_warp(windows));
-    int64_t tiles = 1;
-    if (batch < kMaxBlocks) {
-      tiles = std::max<int64_t>(1, std::min(ceil_div(windows, threads), kMaxBlocks / batch));
-    }
-    p.windows_per_tile = ceil_div(windows, tiles);
-    tiles = ceil_div(windows, p.windows_per_tile);  // no empty tile
-    p.tiles_per_row = tiles;
+    const RowsGrid grid = rows_grid(batch, windows, 1);
+    p.windows_per_tile = grid.windows_per_tile;
+    p.tiles_per_row = grid.tiles;
     p.vec = windows_vec;
-    int64_t blocks = std::min<int64_t>(batch, 4 * kMaxBlocks);
-    if (tiles > 1) {
-      blocks = batch * tiles;  // <= kMaxBlocks
-      partials = at::empty({blocks}, acc_options);
-      p.partials = partials.data_ptr<acc_t>();
-      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
-    }
+    partials = reduction_partials<acc_t>(grid.tiles > 1 ? grid.blocks : 1, mu.options());  // 1 tile: no ticket
+    p.partials = partials.data;
+    p.slot = partials.slot;
     reparam_kl_forward_rows_kernel<scalar_t>
-        <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(p);
+        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
   } else {
     constexpr int E = kChunk<scalar_t>;
     const int64_t blocks = flat_blocks(ceil_div(n, E));
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, 16) && (k == 1 || n % kPack<scalar_t> == 0);
-    if (blocks > 1) {
-      partials = at::empty({blocks}, acc_options);
-      p.partials = partials.data_ptr<acc_t>();
-      p.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
-    }
+    partials = reduction_partials<acc_t>(blocks, mu.options());
+    p.partials = partials.data;
+    p.slot = partials.slot;
     reparam_kl_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
