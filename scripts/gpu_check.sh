@@ -245,7 +245,16 @@ run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
   "$PYTHON" - "$LOGS/bench/bench.json" << 'EOF'
 import json
+import re
 import sys
+
+
+def short_kernel_name(name):
+    """'void fastelbo::cuda::(anonymous namespace)::recon_backward_kernel<float>(...)' -> 'recon_backward_kernel';
+    torch's elementwise kernels by their functor ('CUDAFunctor_add', 'FillFunctor')."""
+    match = re.search(r"\w+Functor\w*", name) or re.search(r"\w+_kernel\b", name)
+    return match.group(0) if match else name[:40]
+
 
 try:
     with open(sys.argv[1]) as f:
@@ -280,8 +289,7 @@ for r in rows:
 print("kernel us per step by kernel (fastelbo, fwd+bwd):")
 for r in rows:
     if r["provider"] == "fastelbo":
-        parts = [f"{name.split('(')[0].split('::')[-1]} {us:.1f}"
-                 for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
+        parts = [f"{short_kernel_name(name)} {us:.1f}" for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
         print(f"  {r['size']:<11} {r['dtype']:<5} " + ", ".join(parts))
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
