@@ -267,20 +267,25 @@ __device__ __forceinline__ acc_t block_sum(acc_t v) {
   return v;
 }
 
+// *counter += 1 at GPU scope with acquire-release semantics, returning the old value: releases the
+// calling thread's earlier writes and acquires those released by earlier increments. (Cheaper than
+// the sequentially consistent __threadfence() before and after a relaxed atomicAdd.)
+__device__ __forceinline__ unsigned int increment_acq_rel(unsigned int* counter) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old;
+}
+
 // The "last block combines" ticket. After thread 0 of every block has written its partial(s),
-// each block takes a ticket from an integer counter; the block that draws gridDim.x - 1 sees all
-// partials (fence before the ticket in the writers, fence after it in the reader, partials read
-// through L2) and combines them, then resets the counter to 0 for the next launch in its slot.
-// Returns, in every thread, whether this block is the last one. Every thread must call it.
+// each block's thread 0 takes a ticket from an integer counter (acquire-release: the partials it
+// wrote are released with it); the block that draws gridDim.x - 1 has acquired every partial
+// (its threads read them after the block barrier, through L2) and combines them, then resets the
+// counter to 0 for the next launch in its slot. Returns, in every thread, whether this block is
+// the last one. Every thread must call it.
 __device__ __forceinline__ bool take_ticket_is_last(unsigned int* counter) {
   __shared__ bool is_last;
   __syncthreads();  // thread 0's partial store comes after the whole block's work
-  if (threadIdx.x == 0) {
-    __threadfence();  // release: this block's partials are visible before the ticket
-    const unsigned int ticket = atomicAdd(counter, 1u);
-    is_last = ticket == gridDim.x - 1;
-    if (is_last) __threadfence();  // acquire: every other block's partials are visible after it
-  }
+  if (threadIdx.x == 0) is_last = increment_acq_rel(counter) == gridDim.x - 1;
   __syncthreads();
   return is_last;
 }
