@@ -311,6 +311,15 @@ template <bool kFull, int E, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p, uint64_t seed,
                                                uint64_t offset, acc_t grad_z_all, acc_t grad_kl_all,
                                                bool track_rows, RowPos pos, int64_t i0, int count) {
+  // 4-element chunks (float, double) load mu and logvar first, so that their latency overlaps the
+  // Philox + Box-Muller work below (the compiler does not move loads above the loop over the
+  // draws). 8-element chunks (half, bfloat16) load them after it: held across it they spill.
+  constexpr bool kLoadEarly = E <= 4;
+  Packed<scalar_t, E> mu, logvar;
+  if constexpr (kLoadEarly) {
+    mu = load_pack<kFull, E>(p.mu + i0, count);
+    logvar = load_pack<kFull, E>(p.logvar + i0, count);
+  }
   acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
   if (p.grad_z != nullptr) {
     for (int64_t k = 0; k < p.num_samples; ++k) {
@@ -352,8 +361,10 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
       pos.next(p.per_sample);
     }
   }
-  const Packed<scalar_t, E> mu = load_pack<kFull, E>(p.mu + i0, count);
-  const Packed<scalar_t, E> logvar = load_pack<kFull, E>(p.logvar + i0, count);
+  if constexpr (!kLoadEarly) {
+    mu = load_pack<kFull, E>(p.mu + i0, count);
+    logvar = load_pack<kFull, E>(p.logvar + i0, count);
+  }
   acc_t grad_mu[E], grad_logvar[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
