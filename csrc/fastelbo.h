@@ -74,4 +74,22 @@ at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction);
 void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
                                         const at::Tensor& x, int64_t reduction);
 
+// ---- CUDA switches --------------------------------------------------------------------------
+// Whether the CUDA forward kernels combine the per-block sums of a small grid inside one Hopper
+// thread-block cluster (sm_90; csrc/cuda/cuda_common.cuh) instead of through the global ticket.
+// On unless FASTELBO_CUDA_CLUSTERS=0 is in the environment when first asked. Both ways give the
+// same bits; the switch is there to time one against the other and to test the ticket path on a
+// Hopper GPU. set_cuda_clusters_enabled returns the previous setting.
+bool cuda_clusters_enabled();
+bool set_cuda_clusters_enabled(bool enabled);
+
+#ifdef FASTELBO_WITH_CUDA
+namespace cuda {
+// The largest cluster (in blocks; 0: none) the float32 forward reducing kernel of each op can be
+// launched as on `device` (tests check that Hopper GPUs do get the cluster path).
+int64_t recon_forward_cluster_capacity(int device);
+int64_t reparam_kl_forward_cluster_capacity(int device);
+}  // namespace cuda
+#endif
+
 }  // namespace fastelbo

@@ -7,8 +7,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <sstream>
 
@@ -34,6 +36,22 @@ std::string shape_str(at::IntArrayRef shape) {
   }
   return out + "]";
 }
+
+namespace {
+
+std::atomic<bool>& cuda_clusters_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* value = std::getenv("FASTELBO_CUDA_CLUSTERS");
+    return value == nullptr || std::string(value) != "0";
+  }()};
+  return flag;
+}
+
+}  // namespace
+
+bool cuda_clusters_enabled() { return cuda_clusters_flag().load(std::memory_order_relaxed); }
+
+bool set_cuda_clusters_enabled(bool enabled) { return cuda_clusters_flag().exchange(enabled); }
 
 namespace {
 
@@ -288,8 +306,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of CPU output buffers held for reuse (not in use by any tensor).");
   m.def("_empty_cpu_cache", &fastelbo::cpu::empty_output_cache,
         "Return the cached CPU output buffers to the system.");
+  m.def("_set_cuda_clusters", &fastelbo::set_cuda_clusters_enabled,
+        "Whether small CUDA grids reduce inside a Hopper thread-block cluster (True, the default unless "
+        "FASTELBO_CUDA_CLUSTERS=0) or through the global ticket (False; same results). Returns the "
+        "previous setting.");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
+  m.def(
+      "_cuda_cluster_capacity",
+      [](int device) {
+        return std::map<std::string, int64_t>{
+            {"gaussian_recon_loss", fastelbo::cuda::recon_forward_cluster_capacity(device)},
+            {"reparameterize_kl", fastelbo::cuda::reparam_kl_forward_cluster_capacity(device)}};
+      },
+      "The largest thread-block cluster (blocks; 0: none) each op's float32 forward reduction can "
+      "use on a CUDA device.");
 #else
   m.attr("built_with_cuda") = false;
 #endif

@@ -5,6 +5,8 @@
 #   cuda-tests tests/test_cuda.py (everything but the slow test)
 #   core-cuda  the CUDA cases of the rest of the suite (tests/ -m cuda)
 #   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
+#   bench-ticket  the fastelbo provider again at mnist-mlp and ldm-ae-256 with FASTELBO_CUDA_CLUSTERS=0:
+#              small grids reduce through the global ticket instead of a thread-block cluster (A/B)
 #   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
 #   racecheck  compute-sanitizer --tool racecheck on the same driver
 #   slow       the > 2^31-element test
@@ -115,7 +117,7 @@ print('import fastelbo without a visible GPU: ok, built_with_cuda =', fastelbo._
 # pytest-xdist, where installed, spreads the tests over 8 processes (they share the one GPU).
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
-run_step cuda-tests 120 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests/test_cuda.py \
+run_step cuda-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests/test_cuda.py \
   -m "not slow" --junitxml="$LOGS/cuda-tests.xml"
 # The CUDA twins of every other test (the `device` fixture's "cuda" parameter).
 run_step core-cuda 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests -m "cuda and not slow" \
@@ -159,6 +161,11 @@ fi
 run_step bench 150 "$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp ldm-ae-256 large \
   --dtypes fp32,bf16 --no-compile --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench" ${BENCH_ARGS:-}
 
+# shellcheck disable=SC2086
+run_step bench-ticket 60 env FASTELBO_CUDA_CLUSTERS=0 "$PYTHON" -m fastelbo bench --devices cuda \
+  --sizes mnist-mlp ldm-ae-256 --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile --no-plot \
+  --no-progress --time-per-case 0.3 --out "$LOGS/bench-ticket" ${BENCH_ARGS:-}
+
 # ---- compute-sanitizer ----------------------------------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer)
 if [[ -z "$SANITIZER" ]]; then
@@ -170,7 +177,7 @@ cat > "$LOGS/sanitizer_driver.py" << 'EOF'
 """Every kernel variant once, on small inputs (multi-block grids, ragged tails, unaligned views)."""
 import torch
 
-import fastelbo  # noqa: F401
+import fastelbo
 
 ops = torch.ops.fastelbo
 torch.manual_seed(0)
@@ -183,7 +190,12 @@ def unaligned(t):
     return view
 
 
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+def every_variant():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        one_dtype(dtype)
+
+
+def one_dtype(dtype):
     for shape in ((3, 5), (64, 20), (4, 1030)):
         mu = torch.randn(shape, device="cuda", dtype=dtype)
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
@@ -194,14 +206,22 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
                     ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
-    x_hat = torch.randn(8, 3001, device="cuda", dtype=dtype)
-    x = torch.randn(8, 3001, device="cuda", dtype=dtype)
-    for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :3000], x[:, :3000])):
-        for reduction in range(4):
-            loss, _ = ops.gaussian_recon_loss(xh, xv, reduction, True)
-            ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
+    # (8, 3001): a 16-block small grid (a cluster on sm_90); (8, 40001): a big grid (ticket).
+    for size in (3001, 40001):
+        x_hat = torch.randn(8, size, device="cuda", dtype=dtype)
+        x = torch.randn(8, size, device="cuda", dtype=dtype)
+        for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :size - 1], x[:, :size - 1])):
+            for reduction in range(4):
+                loss, _ = ops.gaussian_recon_loss(xh, xv, reduction, True)
+                ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
+
+
+# Small grids once as thread-block clusters (sm_90) and once through the ticket.
+for clusters in (True, False):
+    fastelbo._C._set_cuda_clusters(clusters)
+    every_variant()
 torch.cuda.synchronize()
-print("sanitizer driver: every kernel variant ran")
+print("sanitizer driver: every kernel variant ran, with and without clusters")
 EOF
 if [[ -n "$SANITIZER" ]]; then
   for tool in memcheck racecheck; do
@@ -243,7 +263,7 @@ run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
-  "$PYTHON" - "$LOGS/bench/bench.json" << 'EOF'
+  "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" << 'EOF'
 import json
 import re
 import sys
@@ -293,12 +313,29 @@ for r in rows:
         print(f"  {r['size']:<11} {r['dtype']:<5} " + ", ".join(parts))
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
+try:
+    with open(sys.argv[2]) as f:
+        ticket = json.load(f)
+except (OSError, ValueError) as error:
+    print(f"bench-ticket: no results ({error})")
+    sys.exit(0)
+print("the same with FASTELBO_CUDA_CLUSTERS=0 (small grids reduce through the ticket), fwd+bwd:")
+with_clusters = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "fastelbo"}
+for r in ticket["results"]:
+    if r["provider"] != "fastelbo" or r["mode"] != "fwd+bwd":
+        continue
+    c = with_clusters.get((r["size"], r["dtype"]), {})
+    parts = [f"{short_kernel_name(name)} {us:.1f}" for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
+    print(f"  {r['size']:<11} {r['dtype']:<5} kernel us {r.get('kernel_time_us') or float('nan'):.1f} "
+          f"(clusters: {c.get('kernel_time_us') or float('nan'):.1f}), step us {r['median_us']:.1f} "
+          f"(clusters: {c.get('median_us') or float('nan'):.1f}): " + ", ".join(parts))
 EOF
 } 2>&1 | tee "$LOGS/summary.txt"
 
 cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench/bench.json" ]] && cp "$LOGS/bench/bench.json" "$OUT/bench.json"
 [[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
+[[ -f "$LOGS/bench-ticket/bench.json" ]] && cp "$LOGS/bench-ticket/bench.json" "$OUT/bench-ticket.json"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 
 for status in "${STATUS[@]}"; do

@@ -10,6 +10,8 @@
 - bit-identical results over repeated runs (deterministic in-kernel reductions);
 - every output element written (outputs land in memory poisoned with NaN);
 - concurrent launches on two streams (separate reduction tickets);
+- small grids: sm_90 gets the thread-block-cluster reduction, which gives the bits of the ticket
+  path (also in a captured graph);
 - at most 4 kernel launches per loss step;
 - a tensor of more than 2^31 elements (slow; run by scripts/gpu_check.sh);
 - a non-default device, and generator=.
@@ -429,6 +431,95 @@ def test_at_most_four_kernels_per_step():
     names = _cuda_kernel_names(step)
     ours = [n for n in names if "fastelbo" in n]
     assert len(ours) == 4, f"expected 4 fastelbo kernels, got {ours} (all: {names})"
+
+
+# ---- small grids: one Hopper thread-block cluster instead of the ticket ----------------------
+
+@pytest.fixture
+def restore_cluster_switch():
+    previous = fastelbo._C._set_cuda_clusters(True)
+    yield
+    fastelbo._C._set_cuda_clusters(previous)
+
+
+def test_hopper_gpus_get_the_cluster_reduction():
+    """On sm_90 and newer both float32 forward reductions can run as one 16-block (non-portable)
+    or at least 8-block cluster (gpu_check builds for the visible card); before sm_90, never."""
+    capacity = fastelbo._C._cuda_cluster_capacity(torch.cuda.current_device())
+    assert set(capacity) == {"gaussian_recon_loss", "reparameterize_kl"}
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert all(v >= 8 for v in capacity.values()), capacity
+    else:
+        assert all(v == 0 for v in capacity.values()), capacity
+
+
+def _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples):
+    torch.manual_seed(11)
+    z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, 0.0)
+    loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
+    return z, kl, rng, loss, grad_unit
+
+
+# (latent shape, data shape): small grids of 1 to 16 blocks (the cluster sizes) and, last, one
+# just past the small-grid limit of each op (ticket either way).
+SMALL_GRIDS = [((128, 20), (128, 784)), ((3, 5), (3, 7)), ((6, 333), (6, 1001)), ((64, 512), (16, 8192)),
+               ((64, 513), (16, 8193))]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("shapes", SMALL_GRIDS, ids=["mnist", "tiny", "odd", "at-limit", "past-limit"])
+def test_cluster_and_ticket_reductions_give_the_same_bits(restore_cluster_switch, shapes, dtype, reduction,
+                                                          num_samples, aligned):
+    """Both ways of combining the per-block sums add the same values in the same order: the same
+    bits (on GPUs without clusters both runs take the ticket). Values against float64 math."""
+    (B, Z), data_shape = shapes
+    mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
+    x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
+    if not aligned:
+        mu, logvar, x_hat, x = (_offset_view(t, 1) for t in (mu, logvar, x_hat, x))
+    code = RED[reduction]
+    results = {}
+    for clusters in (True, False):
+        fastelbo._C._set_cuda_clusters(clusters)
+        results[clusters] = _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples)
+    for name, a, b in zip(("z", "kl", "rng_state", "recon loss", "grad_unit"), results[True], results[False]):
+        assert torch.equal(a, b), f"{name}: cluster and ticket reductions differ"
+    z, kl, _, loss, _ = results[True]
+    unused_eps = torch.zeros(z.shape, dtype=torch.float64, device=z.device)  # the KL does not depend on it
+    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction=reduction,
+                                          eps=unused_eps, num_samples=num_samples)[1]
+    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction=reduction)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}[dtype]
+    torch.testing.assert_close(kl.double(), want_kl, rtol=tol, atol=tol)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
+
+
+def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):
+    """A captured mnist-size step (small grids: clusters on Hopper) replays to the eager values."""
+    mu, logvar = randn((128, 20), seed=1), randn((128, 20), seed=2, scale=0.6)
+    x_hat, x = randn((128, 784), seed=3), randn((128, 784), seed=4)
+    eps = randn((128, 20), seed=5)
+    want = (ops.reparameterize_kl(mu, logvar, eps, None, 1, RED["batchmean"], 0.0)[1],
+            ops.gaussian_recon_loss(x_hat, x, RED["batchmean"], False)[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        ops.gaussian_recon_loss(x_hat, x, RED["batchmean"], False)  # warm-up off the graph
+        with torch.cuda.graph(graph, stream=stream):
+            got = (ops.reparameterize_kl(mu, logvar, eps, None, 1, RED["batchmean"], 0.0)[1],
+                   ops.gaussian_recon_loss(x_hat, x, RED["batchmean"], False)[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        got[0].fill_(float("nan"))
+        got[1].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ---- > 2^31 elements ------------------------------------------------------------------------

@@ -353,3 +353,20 @@ def test_cpu_buffer_cache_reuses_and_empties():
         x = torch.randn(4, 100000)
     fastelbo.empty_cpu_cache()
     assert _C._cpu_cache_bytes() == 0
+
+
+def test_cuda_cluster_switch_reads_the_environment():
+    """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, anything else (or
+    nothing) leaves it on; _set_cuda_clusters returns the previous setting. Any build, any machine:
+    the switch is read on the host (tests/test_cuda.py checks both settings on a GPU)."""
+    import os
+    import subprocess
+    import sys
+    code = "import fastelbo; print(fastelbo._C._set_cuda_clusters(True), fastelbo._C._set_cuda_clusters(False))"
+    for value, want in (("0", ["False", "True"]), ("1", ["True", "True"]), (None, ["True", "True"])):
+        env = {k: v for k, v in os.environ.items() if k != "FASTELBO_CUDA_CLUSTERS"}
+        if value is not None:
+            env["FASTELBO_CUDA_CLUSTERS"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-2:] == want, (value, out.stdout)

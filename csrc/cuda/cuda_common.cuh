@@ -1,11 +1,14 @@
 // Building blocks shared by fastelbo's CUDA kernels: launch shape, 16-byte vector access, the
-// deterministic block reduction, the "last block combines" ticket and its per-stream slots.
+// deterministic block reduction, and the two ways the per-block sums of a grid are combined: the
+// "last block combines" ticket (any GPU) and, for the small grids, a Hopper thread-block cluster.
 //
 // Determinism. Every reduced result is combined in an order that depends only on the problem size:
 // each thread adds its elements in a fixed order, a block adds its threads with a fixed butterfly
-// (warp shuffles) and then its warps in order, and the block that finishes last (an integer atomic
-// ticket) adds the per-block partials in block order. No floating-point atomics: the same inputs
-// give the same bits on every run, for any interleaving of the blocks.
+// (warp shuffles) and then its warps in order, and one block adds the per-block partials in block
+// order: the block that finishes last (an integer atomic ticket), or, when the whole grid is one
+// thread-block cluster (sm_90), the cluster's first block reading the others' shared memory. Both
+// ways do the same additions in the same order, so they give the same bits. No floating-point
+// atomics: the same inputs give the same bits on every run, for any interleaving of the blocks.
 //
 // The grid depends only on the problem size (kThreads, kMaxBlocks are constants tuned for the
 // 132-SM H100/H200), never on the device, so the summation order is fixed too.
@@ -20,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <map>
@@ -47,9 +51,44 @@ constexpr int64_t kMaxBlocks = 132 * 8;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline int64_t round_up_warp(int64_t v) { return std::max<int64_t>(32, (v + 31) / 32 * 32); }
+
 // Blocks for `work` independent items, one item per thread, at most kMaxBlocks (grid-stride beyond).
 inline int64_t flat_blocks(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), kMaxBlocks));
+}
+
+// Small grids. A reduction over a big grid pays, after its last load, for the ticket: a fence, an
+// atomic round trip to L2 and the partials read back through L2, a chain of several hundred
+// nanoseconds in every forward kernel (on the H200, recon forward took 1.7 us more than the recon
+// backward that reads the same bytes at (128, 784)). Small problems are therefore given at most
+// kMaxClusterBlocks blocks of up to kMaxClusterThreads threads: few enough partials to be combined
+// inside one thread-block cluster on sm_90 (no global memory, no atomics; see grid_total), and
+// still spread over 16 SMs for bandwidth. The flat reducing kernels are compiled for blocks of up to
+// kMaxClusterThreads threads at the register budget of kThreads x kMinBlocksPerSM (64 per thread
+// for float), so the big grids' code is unchanged.
+constexpr int64_t kMaxClusterBlocks = 16;
+constexpr int64_t kMaxClusterThreads = 512;
+template <typename scalar_t>
+constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxClusterThreads;
+
+struct FlatGrid {
+  int64_t blocks;
+  int64_t threads;
+};
+
+// Launch shape of a flat reducing kernel over `chunks` work items whose threads take up to
+// `per_thread` of them in one pass: the small-grid shape (a block per kThreads items, at most
+// kMaxClusterBlocks blocks, each of a multiple of 32 threads up to kMaxClusterThreads) when that
+// covers every item in one pass, else kThreads-thread blocks as flat_blocks. Size only: fixed order.
+inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
+  if (chunks <= kMaxClusterBlocks * kMaxClusterThreads * per_thread) {
+    FlatGrid g;
+    g.blocks = std::max<int64_t>(1, std::min(kMaxClusterBlocks, ceil_div(chunks, kThreads)));
+    g.threads = std::min(kMaxClusterThreads, round_up_warp(ceil_div(chunks, g.blocks)));
+    return g;
+  }
+  return FlatGrid{flat_blocks(chunks), kThreads};
 }
 
 inline bool is_aligned(const void* p, size_t alignment) {
@@ -63,8 +102,6 @@ inline bool all_aligned(std::initializer_list<const void*> pointers, size_t alig
   }
   return true;
 }
-
-inline int64_t round_up_warp(int64_t v) { return std::max<int64_t>(32, (v + 31) / 32 * 32); }
 
 // Launch shape of a "rows" kernel (reduction "none"): each sample's `windows` windows are cut into
 // `tiles` tiles of windows_per_tile windows, a block sums one (sample, tile) segment at a time, and
@@ -325,8 +362,11 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t fir
 }
 
 // Sum of every block's value (valid in thread 0) in block order: returns true in thread 0 of
-// exactly one block (the last to finish), with the sum in `total`. One block: no ticket at all.
-// Every thread of every block must call it.
+// exactly one block, with the sum in `total`. One block: nothing to combine. A grid launched as
+// one thread-block cluster (launch_reduction, sm_90): the first block reads the others' values
+// from their shared memory. Otherwise the ticket: the last block to finish reads the partials.
+// The same additions in the same order either way (thread t takes block t's value, then
+// block_sum), so cluster and ticket give the same bits. Every thread of every block must call it.
 template <typename acc_t>
 __device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, unsigned int slot,
                                            acc_t& total) {
@@ -334,6 +374,30 @@ __device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, u
     total = block_value;
     return threadIdx.x == 0;
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (__clusterSizeInBlocks() == gridDim.x) {  // one cluster: block rank == blockIdx.x
+    __shared__ acc_t cluster_value;
+    if (threadIdx.x == 0) cluster_value = block_value;
+    // Release/acquire at cluster scope: every block's value is written and visible to the others.
+    __cluster_barrier_arrive();
+    __cluster_barrier_wait();
+    const bool first = blockIdx.x == 0;
+    acc_t v = 0;
+    if (first) {
+      if (threadIdx.x < gridDim.x) {
+        v += *static_cast<const acc_t*>(__cluster_map_shared_rank(&cluster_value, threadIdx.x));
+      }
+      v = block_sum(v);
+    }
+    // No block may exit (its shared memory gone) while the first block may still be reading it. No
+    // ordering needed: the first block's reads are complete (used) before it arrives.
+    __cluster_barrier_arrive_relaxed();
+    __cluster_barrier_wait();
+    total = v;
+    return first && threadIdx.x == 0;
+  }
+#endif
+  if (partials == nullptr) __trap();  // host bug: a multi-block grid that is neither cluster nor ticket
   unsigned int* counter = &ticket_counters[slot];
   if (threadIdx.x == 0) partials[blockIdx.x] = block_value;
   if (!take_ticket_is_last(counter)) return false;
@@ -429,8 +493,94 @@ inline unsigned int ticket_slot(const c10::cuda::CUDAStream& stream) {
   return slot;
 }
 
+// ---- launching a reducing kernel as one thread-block cluster ------------------------------------
+//
+// A grid of 2..kMaxClusterBlocks blocks runs as one cluster when the device is sm_90 or newer,
+// the kernel was compiled with the cluster code (sm_90 SASS: not when an sm_80 build is JIT-run
+// from PTX), the device can hold a cluster that large (queried once per kernel and device; 16
+// needs the non-portable size, which H100/H200 allow), and cluster reductions are enabled
+// (cuda_clusters_enabled(): FASTELBO_CUDA_CLUSTERS=0 or fastelbo._C._set_cuda_clusters(False)
+// turns them off, to compare against or test the ticket path on a Hopper GPU).
+
+// The launch of `blocks` x `threads` on `stream` as one cluster of all the blocks. `attribute`
+// holds the cluster size that the returned configuration points to.
+inline cudaLaunchConfig_t one_cluster_config(int64_t blocks, int64_t threads, cudaStream_t stream,
+                                             cudaLaunchAttribute& attribute) {
+  attribute = cudaLaunchAttribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned int>(blocks);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned int>(blocks));
+  config.blockDim = dim3(static_cast<unsigned int>(threads));
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+// The largest cluster (kMaxClusterBlocks, 8 or 0 blocks of kMaxClusterThreads threads) `kernel`
+// can be launched with on the current device. A failed query clears its own (non-sticky) error.
+inline int64_t query_cluster_capacity(const void* kernel, int device) {
+  if (at::cuda::getDeviceProperties(device)->major < 9) return 0;
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90) return 0;
+  const bool non_portable = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  if (!non_portable) (void)cudaGetLastError();
+  for (const int64_t blocks : {kMaxClusterBlocks, int64_t{8}}) {
+    if (blocks > 8 && !non_portable) continue;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = one_cluster_config(blocks, kMaxClusterThreads, nullptr, attribute);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) {
+      if (clusters >= 1) return blocks;
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
+  return 0;
+}
+
+// query_cluster_capacity of kKernel, cached per device (lock-free after the first launch).
+template <auto kKernel>
+int64_t cluster_capacity(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0: not asked yet; else capacity + 1
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int value = cached[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = static_cast<int>(query_cluster_capacity(reinterpret_cast<const void*>(kKernel), device)) + 1;
+    cached[device].store(value, std::memory_order_relaxed);
+  }
+  return value - 1;
+}
+
+// Whether kKernel's grid of `blocks` blocks runs as one cluster on the current device.
+template <auto kKernel>
+bool launch_as_cluster(int64_t blocks) {
+  if (blocks < 2 || blocks > kMaxClusterBlocks || !cuda_clusters_enabled()) return false;
+  return blocks <= cluster_capacity<kKernel>(c10::cuda::current_device());
+}
+
+// Launches kKernel(params) with `blocks` x `threads` on `stream`, as one cluster when asked.
+template <auto kKernel, typename Params>
+void launch_reduction(int64_t blocks, int64_t threads, bool as_cluster, cudaStream_t stream, const Params& params) {
+  if (!as_cluster) {
+    kKernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(params);
+    return;
+  }
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = one_cluster_config(blocks, threads, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kKernel, params));
+}
+
 // The per-block partial sums and the ticket slot of a reduction over `blocks` blocks; a 1-block
-// grid needs neither (buffer undefined, data nullptr). The buffer must outlive the launch only in
+// grid or a cluster needs neither (buffer undefined, data nullptr). The buffer must outlive the launch only in
 // stream order, which the caching allocator guarantees.
 template <typename acc_t>
 struct Partials {

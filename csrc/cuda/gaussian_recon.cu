@@ -1,7 +1,8 @@
 // CUDA kernels of the squared-error reconstruction loss 1/2 ||x_hat - x||^2, forward and backward.
 //
 // Forward, one launch: reads x_hat and x once in 16-byte accesses and reduces the loss in the same
-// kernel (per-block partials combined by the last block, in block order; see cuda_common.cuh):
+// kernel (per-block partials combined in block order by the last block, or inside one
+// thread-block cluster for small grids on sm_90; see cuda_common.cuh):
 //   flat "sum" / "mean" / "batchmean": the tensor as one flat run of 16-byte chunks;
 //   rows "none": blocks never straddle two samples, so each per-sample sum has a fixed order.
 // Backward, one launch: reads x_hat and x again, and the incoming gradient on the device (no host
@@ -72,7 +73,7 @@ __device__ __forceinline__ void recon_scalar_range(const ForwardParams<scalar_t>
 
 // ---- forward: flat --------------------------------------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxClusterThreads, kMinWideBlocksPerSM<scalar_t>)
     recon_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
@@ -302,11 +303,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
           <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
     } else {
       p.vec = aligned;
-      const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-      partials = reduction_partials<acc_t>(blocks, x_hat.options());
+      constexpr auto kernel = recon_forward_flat_kernel<scalar_t>;
+      const FlatGrid grid = flat_reduction_grid(ceil_div(layout.numel, E), kUnroll);
+      const bool cluster = launch_as_cluster<kernel>(grid.blocks);
+      partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, x_hat.options());
       p.partials = partials.data;
       p.slot = partials.slot;
-      recon_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+      launch_reduction<kernel>(grid.blocks, grid.threads, cluster, stream, p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -351,6 +354,12 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
 }
 
 }  // namespace
+
+int64_t recon_forward_cluster_capacity(int device) {
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  return cluster_capacity<recon_forward_flat_kernel<float>>(device);
+}
+
 }  // namespace cuda
 }  // namespace fastelbo
 

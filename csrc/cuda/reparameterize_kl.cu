@@ -3,7 +3,8 @@
 // Forward, one launch: reads mu and logvar once, draws eps in registers (Philox4x32-10 +
 // Box-Muller from csrc/elbo_math.h, the same counters as the CPU: element i of draw k uses group
 // i / 4, lane i % 4, stream offset + k), writes z for every draw, and reduces the KL in the same
-// kernel (per-block partials combined by the last block, in block order). Three shapes of it:
+// kernel (per-block partials combined in block order by the last block, or inside one
+// thread-block cluster for small grids on sm_90). Three shapes of it:
 //   flat    "sum" / "mean" / "batchmean": the tensor as one flat run of 4- or 8-element chunks;
 //   rows    "none": blocks never straddle two samples, so each per-sample sum has a fixed order;
 //   columns free_bits > 0: per-position batch sums in a fixed order, the per-position means, and
@@ -171,7 +172,7 @@ __device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
 
 // ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxClusterThreads, kMinWideBlocksPerSM<scalar_t>)
     reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk<scalar_t>;
@@ -451,12 +452,14 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
         <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
   } else {
     constexpr int E = kChunk<scalar_t>;
-    const int64_t blocks = flat_blocks(ceil_div(n, E));
+    constexpr auto kernel = reparam_kl_forward_flat_kernel<scalar_t>;
+    const FlatGrid grid = flat_reduction_grid(ceil_div(n, E), 1);
+    const bool cluster = launch_as_cluster<kernel>(grid.blocks);
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, 16) && (k == 1 || n % kPack<scalar_t> == 0);
-    partials = reduction_partials<acc_t>(blocks, mu.options());
+    partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, mu.options());
     p.partials = partials.data;
     p.slot = partials.slot;
-    reparam_kl_forward_flat_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    launch_reduction<kernel>(grid.blocks, grid.threads, cluster, stream, p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -594,6 +597,12 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
 }
 
 }  // namespace
+
+int64_t reparam_kl_forward_cluster_capacity(int device) {
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  return cluster_capacity<reparam_kl_forward_flat_kernel<float>>(device);
+}
+
 }  // namespace cuda
 }  // namespace fastelbo
 
