@@ -546,14 +546,19 @@ inline int64_t query_cluster_capacity(const void* kernel, int device) {
   return 0;
 }
 
-// query_cluster_capacity of kKernel, cached per device (lock-free after the first launch).
+// query_cluster_capacity of kKernel on the current device `device`, cached per device (lock-free
+// after the first launch). Not asked while `stream` is being captured into a CUDA graph (0, not
+// cached: that launch takes the ticket), so that the query's runtime calls never meet a capture.
 template <auto kKernel>
-int64_t cluster_capacity(int device) {
+int64_t cluster_capacity(int device, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];  // 0: not asked yet; else capacity + 1
   if (device < 0 || device >= kMaxDevices) return 0;
   int value = cached[device].load(std::memory_order_relaxed);
   if (value == 0) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    if (status != cudaStreamCaptureStatusNone) return 0;
     value = static_cast<int>(query_cluster_capacity(reinterpret_cast<const void*>(kKernel), device)) + 1;
     cached[device].store(value, std::memory_order_relaxed);
   }
@@ -562,9 +567,9 @@ int64_t cluster_capacity(int device) {
 
 // Whether kKernel's grid of `blocks` blocks runs as one cluster on the current device.
 template <auto kKernel>
-bool launch_as_cluster(int64_t blocks) {
+bool launch_as_cluster(int64_t blocks, cudaStream_t stream) {
   if (blocks < 2 || blocks > kMaxClusterBlocks || !cuda_clusters_enabled()) return false;
-  return blocks <= cluster_capacity<kKernel>(c10::cuda::current_device());
+  return blocks <= cluster_capacity<kKernel>(c10::cuda::current_device(), stream);
 }
 
 // Launches kKernel(params) with `blocks` x `threads` on `stream`, as one cluster when asked.

@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
       p.vec = aligned;
       constexpr auto kernel = recon_forward_flat_kernel<scalar_t>;
       const FlatGrid grid = flat_reduction_grid(ceil_div(layout.numel, E), kUnroll);
-      const bool cluster = launch_as_cluster<kernel>(grid.blocks);
+      const bool cluster = launch_as_cluster<kernel>(grid.blocks, stream);
       partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, x_hat.options());
       p.partials = partials.data;
       p.slot = partials.slot;
@@ -357,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
 
 int64_t recon_forward_cluster_capacity(int device) {
   const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
-  return cluster_capacity<recon_forward_flat_kernel<float>>(device);
+  return cluster_capacity<recon_forward_flat_kernel<float>>(device, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace cuda

@@ -454,7 +454,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
     constexpr int E = kChunk<scalar_t>;
     constexpr auto kernel = reparam_kl_forward_flat_kernel<scalar_t>;
     const FlatGrid grid = flat_reduction_grid(ceil_div(n, E), 1);
-    const bool cluster = launch_as_cluster<kernel>(grid.blocks);
+    const bool cluster = launch_as_cluster<kernel>(grid.blocks, stream);
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, 16) && (k == 1 || n % kPack<scalar_t> == 0);
     partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, mu.options());
     p.partials = partials.data;
@@ -600,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
 
 int64_t reparam_kl_forward_cluster_capacity(int device) {
   const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
-  return cluster_capacity<reparam_kl_forward_flat_kernel<float>>(device);
+  return cluster_capacity<reparam_kl_forward_flat_kernel<float>>(device, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace cuda
