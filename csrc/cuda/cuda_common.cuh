@@ -337,9 +337,11 @@ __device__ __forceinline__ acc_t load_partial(const acc_t* p) {
 }
 
 // Partial reads in flight at once per thread in the last block: the loads of a batch are issued
-// before the first add, so a thousand partials cost a couple of L2 round trips instead of one per
-// partial. The adds still run in index order.
-constexpr int kPartialBatch = 8;
+// before the first add, so the partials cost one L2 round trip per batch instead of one per
+// partial. 9 = ceil(kMaxBlocks / kThreads): the last block of the largest grid (1056 blocks of 128
+// threads) reads all its partials in one batch (with 8 it took two round trips, the second for 32
+// partials). The adds still run in index order, whatever the batch size.
+constexpr int kPartialBatch = static_cast<int>((kMaxBlocks + kThreads - 1) / kThreads);
 
 // Sum of partials[first + j * step] for j = 0, 1, ... while the index is < end, in that order.
 template <typename acc_t>
