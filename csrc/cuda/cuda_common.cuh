@@ -363,18 +363,19 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t fir
   return v;
 }
 
-// Sum of every block's value (valid in thread 0) in block order: returns true in thread 0 of
-// exactly one block, with the sum in `total`. One block: nothing to combine. A grid launched as
-// one thread-block cluster (launch_reduction, sm_90): the first block reads the others' values
-// from their shared memory. Otherwise the ticket: the last block to finish reads the partials.
-// The same additions in the same order either way (thread t takes block t's value, then
-// block_sum), so cluster and ticket give the same bits. Every thread of every block must call it.
-template <typename acc_t>
-__device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, unsigned int slot,
-                                           acc_t& total) {
+// Sum of every block's value (valid in thread 0) in block order, handed to use_total(total) in
+// thread 0 of exactly one block. One block: nothing to combine. A grid launched as one
+// thread-block cluster (launch_reduction, sm_90): the first block reads the others' values from
+// their shared memory, and uses the total before the cluster's last barrier, so that its store
+// overlaps that barrier. Otherwise the ticket: the last block to finish reads the partials. The
+// same additions in the same order either way (thread t takes block t's value, then block_sum),
+// so cluster and ticket give the same bits. Every thread of every block must call it.
+template <typename acc_t, typename UseTotal>
+__device__ __forceinline__ void grid_total(acc_t block_value, acc_t* partials, unsigned int slot,
+                                           UseTotal&& use_total) {
   if (gridDim.x == 1) {
-    total = block_value;
-    return threadIdx.x == 0;
+    if (threadIdx.x == 0) use_total(block_value);
+    return;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (__clusterSizeInBlocks() == gridDim.x) {  // one cluster: block rank == blockIdx.x
@@ -383,32 +384,30 @@ __device__ __forceinline__ bool grid_total(acc_t block_value, acc_t* partials, u
     // Release/acquire at cluster scope: every block's value is written and visible to the others.
     __cluster_barrier_arrive();
     __cluster_barrier_wait();
-    const bool first = blockIdx.x == 0;
-    acc_t v = 0;
-    if (first) {
+    if (blockIdx.x == 0) {
+      acc_t v = 0;
       if (threadIdx.x < gridDim.x) {
         v += *static_cast<const acc_t*>(__cluster_map_shared_rank(&cluster_value, threadIdx.x));
       }
       v = block_sum(v);
+      if (threadIdx.x == 0) use_total(v);
     }
     // No block may exit (its shared memory gone) while the first block may still be reading it. No
     // ordering needed: the first block's reads are complete (used) before it arrives.
     __cluster_barrier_arrive_relaxed();
     __cluster_barrier_wait();
-    total = v;
-    return first && threadIdx.x == 0;
+    return;
   }
 #endif
   if (partials == nullptr) __trap();  // host bug: a multi-block grid that is neither cluster nor ticket
   unsigned int* counter = &ticket_counters[slot];
   if (threadIdx.x == 0) partials[blockIdx.x] = block_value;
-  if (!take_ticket_is_last(counter)) return false;
+  if (!take_ticket_is_last(counter)) return;
   acc_t v = sum_partials(partials, threadIdx.x, gridDim.x, blockDim.x);
   v = block_sum(v);
-  if (threadIdx.x != 0) return false;
+  if (threadIdx.x != 0) return;
   reset_ticket(counter);
-  total = v;
-  return true;
+  use_total(v);
 }
 
 // Reduces every thread's `value` over the grid and writes the total times `scale` to *out (one
@@ -418,8 +417,8 @@ template <typename acc_t>
 __device__ __forceinline__ void write_grid_sum(acc_t value, acc_t* out, acc_t* partials, unsigned int slot,
                                                double scale) {
   value = block_sum(value);
-  acc_t total;
-  if (grid_total(value, partials, slot, total)) *out = static_cast<acc_t>(static_cast<double>(total) * scale);
+  grid_total(value, partials, slot,
+             [&](acc_t total) { *out = static_cast<acc_t>(static_cast<double>(total) * scale); });
 }
 
 // Per-sample sums of a "rows" kernel: segment s = (sample b, tile c) of `tiles` tiles per sample.

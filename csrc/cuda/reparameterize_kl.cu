@@ -276,11 +276,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     }
   }
   floored = block_sum(floored);
-  acc_t total;
-  if (grid_total(floored, p.partials, p.slot, total)) {
+  grid_total(floored, p.partials, p.slot, [&](acc_t total) {
     // As on the CPU: the batchmean value sum_j max(kbar_j, lam), times B, times the scale.
     p.kl[0] = static_cast<acc_t>(static_cast<double>(total) * static_cast<double>(batch) * p.scale);
-  }
+  });
 }
 
 // ---- backward -------------------------------------------------------------------------------
