@@ -307,6 +307,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of CPU output buffers held for reuse (not in use by any tensor).");
   m.def("_empty_cpu_cache", &fastelbo::cpu::empty_output_cache,
         "Return the cached CPU output buffers to the system.");
+  m.def("_cuda_clusters_enabled", &fastelbo::cuda_clusters_enabled,
+        "Whether small CUDA grids may reduce inside a Hopper thread-block cluster (see _set_cuda_clusters).");
   m.def("_set_cuda_clusters", &fastelbo::set_cuda_clusters_enabled,
         "Whether small CUDA grids reduce inside a Hopper thread-block cluster (True, the default unless "
         "FASTELBO_CUDA_CLUSTERS=0) or through the global ticket (False; same results). Returns the "

@@ -780,6 +780,8 @@ def machine_info():
 
         info["fastelbo"] = fastelbo.__version__
         info["fastelbo_built_with_cuda"] = BUILT_WITH_CUDA
+        # Small CUDA grids reduce in a thread-block cluster (sm_90) unless FASTELBO_CUDA_CLUSTERS=0.
+        info["fastelbo_cuda_clusters"] = _fastelbo_C()._cuda_clusters_enabled()
         info["fastelbo_extension_built"] = datetime.datetime.fromtimestamp(
             os.path.getmtime(_fastelbo_C().__file__), datetime.timezone.utc).isoformat(timespec="seconds")
         info["fastelbo_git_commit"] = _git_commit(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,8 @@ ROW_FIELDS = {
     "validation_errors",
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
-MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python"}
+MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
+                  "fastelbo_cuda_clusters"}
 
 
 def run_bench(tmp_path, *extra):

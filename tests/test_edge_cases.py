@@ -362,11 +362,14 @@ def test_cuda_cluster_switch_reads_the_environment():
     import os
     import subprocess
     import sys
-    code = "import fastelbo; print(fastelbo._C._set_cuda_clusters(True), fastelbo._C._set_cuda_clusters(False))"
-    for value, want in (("0", ["False", "True"]), ("1", ["True", "True"]), (None, ["True", "True"])):
+    code = ("import fastelbo; c = fastelbo._C; "
+            "print(c._cuda_clusters_enabled(), c._set_cuda_clusters(True), c._set_cuda_clusters(False), "
+            "c._cuda_clusters_enabled())")
+    for value, want in (("0", ["False", "False", "True", "False"]), ("1", ["True", "True", "True", "False"]),
+                        (None, ["True", "True", "True", "False"])):
         env = {k: v for k, v in os.environ.items() if k != "FASTELBO_CUDA_CLUSTERS"}
         if value is not None:
             env["FASTELBO_CUDA_CLUSTERS"] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split()[-2:] == want, (value, out.stdout)
+        assert out.stdout.split()[-4:] == want, (value, out.stdout)
