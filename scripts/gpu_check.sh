@@ -319,6 +319,13 @@ try:
 except (OSError, ValueError) as error:
     print(f"bench-ticket: no results ({error})")
     sys.exit(0)
+try:
+    import torch
+    import fastelbo
+    capacity = fastelbo._C._cuda_cluster_capacity(torch.cuda.current_device())
+except Exception as error:  # no GPU, or a build without CUDA
+    capacity = f"unknown ({error})"
+print(f"thread-block clusters for small grids (largest cluster per float32 forward kernel): {capacity}")
 print("the same with FASTELBO_CUDA_CLUSTERS=0 (small grids reduce through the ticket), fwd+bwd:")
 with_clusters = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "fastelbo"}
 for r in ticket["results"]:
