@@ -531,7 +531,8 @@ inline int64_t query_cluster_capacity(const void* kernel, int device) {
     return 0;
   }
   if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90) return 0;
-  const bool non_portable = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  const bool non_portable =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
   if (!non_portable) (void)cudaGetLastError();
   for (const int64_t blocks : {kMaxClusterBlocks, int64_t{8}}) {
     if (blocks > 8 && !non_portable) continue;
@@ -586,8 +587,8 @@ void launch_reduction(int64_t blocks, int64_t threads, bool as_cluster, cudaStre
 }
 
 // The per-block partial sums and the ticket slot of a reduction over `blocks` blocks; a 1-block
-// grid or a cluster needs neither (buffer undefined, data nullptr). The buffer must outlive the launch only in
-// stream order, which the caching allocator guarantees.
+// grid or a cluster needs neither (buffer undefined, data nullptr). The buffer must outlive the
+// launch only in stream order, which the caching allocator guarantees.
 template <typename acc_t>
 struct Partials {
   at::Tensor buffer;
