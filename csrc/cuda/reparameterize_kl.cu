@@ -5,7 +5,7 @@
 // i / 4, lane i % 4, stream offset + k), writes z for every draw, and reduces the KL in the same
 // kernel (per-block partials combined in block order by the last block, or inside one
 // thread-block cluster for small grids on sm_90). Three shapes of it:
-//   flat    "sum" / "mean" / "batchmean": the tensor as one flat run of 4- or 8-element chunks;
+//   flat    "sum" / "mean" / "batchmean": the tensor as one flat run of 4-element chunks;
 //   rows    "none": blocks never straddle two samples, so each per-sample sum has a fixed order;
 //   columns free_bits > 0: per-position batch sums in a fixed order, the per-position means, and
 //           the floored total sum_j max(kbar_j, lam), all in the one launch.
@@ -30,10 +30,11 @@ namespace fastelbo {
 namespace cuda {
 namespace {
 
-// Elements per thread chunk in the flat kernels: one 16-byte access of float (4 = one Philox
-// group), two of double (4 = one group), one of half/bfloat16 (8 = two groups).
-template <typename scalar_t>
-constexpr int kChunk = kPack<scalar_t> > 4 ? kPack<scalar_t> : 4;
+// Elements per thread chunk in the flat kernels: one Philox group of 4 normals, read and written
+// as one 16-byte access of float, two of double, one 8-byte access of half/bfloat16. (16-byte
+// chunks of half/bfloat16 gave each thread two groups in a row: twice the Philox + Box-Muller
+// latency chain per thread at small sizes, and register spills.)
+constexpr int kChunk = 4;
 
 // Rows and columns kernels work on windows of 4 consecutive positions of one sample.
 constexpr int kWindow = 4;
@@ -178,7 +179,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxClusterThreads, kMinWideBlocksPerSM<scalar_t>)
     reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int E = kChunk<scalar_t>;
+  constexpr int E = kChunk;
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
   const int64_t n = p.numel;
@@ -314,15 +315,10 @@ template <bool kFull, int E, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p, uint64_t seed,
                                                uint64_t offset, acc_t grad_z_all, acc_t grad_kl_all,
                                                bool track_rows, RowPos pos, int64_t i0, int count) {
-  // 4-element chunks (float, double) load mu and logvar first, so that their latency overlaps the
-  // Philox + Box-Muller work below (the compiler does not move loads above the loop over the
-  // draws). 8-element chunks (half, bfloat16) load them after it: held across it they spill.
-  constexpr bool kLoadEarly = E <= 4;
-  Packed<scalar_t, E> mu, logvar;
-  if constexpr (kLoadEarly) {
-    mu = load_pack<kFull, E>(p.mu + i0, count);
-    logvar = load_pack<kFull, E>(p.logvar + i0, count);
-  }
+  // mu and logvar are loaded first, so that their latency overlaps the Philox + Box-Muller work
+  // below (the compiler does not move loads above the loop over the draws).
+  const Packed<scalar_t, E> mu = load_pack<kFull, E>(p.mu + i0, count);
+  const Packed<scalar_t, E> logvar = load_pack<kFull, E>(p.logvar + i0, count);
   acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
   if (p.grad_z != nullptr) {
     for (int64_t k = 0; k < p.num_samples; ++k) {
@@ -364,10 +360,6 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
       pos.next(p.per_sample);
     }
   }
-  if constexpr (!kLoadEarly) {
-    mu = load_pack<kFull, E>(p.mu + i0, count);
-    logvar = load_pack<kFull, E>(p.logvar + i0, count);
-  }
   acc_t grad_mu[E], grad_logvar[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
@@ -382,7 +374,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     reparam_kl_backward_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int E = kChunk<scalar_t>;
+  constexpr int E = kChunk;
   const int64_t n = p.numel, d = p.per_sample;
   uint64_t seed = 0, offset = 0;
   if (p.grad_z != nullptr && p.eps == nullptr) {
@@ -453,11 +445,14 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
     reparam_kl_forward_rows_kernel<scalar_t>
         <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
   } else {
-    constexpr int E = kChunk<scalar_t>;
+    constexpr int E = kChunk;
     constexpr auto kernel = reparam_kl_forward_flat_kernel<scalar_t>;
     const FlatGrid grid = flat_reduction_grid(ceil_div(n, E), 1);
     const bool cluster = launch_as_cluster<kernel>(grid.blocks, stream);
-    p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, 16) && (k == 1 || n % kPack<scalar_t> == 0);
+    // Vector chunks: every pointer, and with several draws every draw's start, chunk-aligned.
+    const size_t chunk_align = kPackedAlign<scalar_t, E>;
+    p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, chunk_align) &&
+            (k == 1 || (n * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
     partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, mu.options());
     p.partials = partials.data;
     p.slot = partials.slot;
@@ -566,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int E = kChunk<scalar_t>;
+    constexpr int E = kChunk;
     BackwardParams<scalar_t> p{};
     p.grad_z = has_grad_z ? grad_z_c.const_data_ptr<scalar_t>() : nullptr;
     p.grad_z_broadcast = grad_z_broadcast;
@@ -587,10 +582,12 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
     p.grad_mu = grad_mu.data_ptr<scalar_t>();
     p.grad_logvar = grad_logvar.data_ptr<scalar_t>();
     const bool dense_grad_z = has_grad_z && !grad_z_broadcast;
+    const size_t chunk_align = kPackedAlign<scalar_t, E>;
     p.vec = all_aligned({p.mu, p.logvar, p.eps, dense_grad_z ? static_cast<const void*>(p.grad_z) : nullptr,
                          p.grad_mu, p.grad_logvar},
-                        16) &&
-            (num_samples == 1 || layout.numel % kPack<scalar_t> == 0);
+                        chunk_align) &&
+            (num_samples == 1 ||
+             (layout.numel * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
     const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
     reparam_kl_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
