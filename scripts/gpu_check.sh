@@ -252,9 +252,9 @@ fi
   echo
   echo "fastelbo gpu_check: $(($(date +%s) - START))s in all; logs in $OUT/logs.tgz"
   sed -n '/^name, memory/{n;p;q}' "$LOGS/machine.log"  # the GPU line of nvidia-smi
-  printf '%-11s %-32s %s\n' step status seconds
+  printf '%-13s %-32s %s\n' step status seconds
   for i in "${!STEPS[@]}"; do
-    printf '%-11s %-32s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
+    printf '%-13s %-32s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
   done
   for name in cuda-tests slow core-cuda; do
     [[ -f "$LOGS/$name.log" ]] || continue
