@@ -28,53 +28,20 @@ using torch::autograd::variable_list;
 using ReparamKLResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-ReparamKLResult call_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
-                                       const std::optional<at::Tensor>& eps,
-                                       const std::optional<at::Generator>& generator,
-                                       int64_t num_samples, int64_t reduction, double free_bits) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastelbo::reparameterize_kl", "")
-                             .typed<ReparamKLResult(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&,
-                                                    std::optional<at::Generator>, int64_t, int64_t,
-                                                    double)>();
-  return op.call(mu, logvar, eps, generator, num_samples, reduction, free_bits);
-}
+// The C++ signatures of the schemas in csrc/ops.cpp.
+using ReparamKLOp = ReparamKLResult(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                    std::optional<at::Generator>, int64_t, int64_t, double);
+using ReparamKLBackwardOp = TensorPair(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                       const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+using GaussianReconLossOp = TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool);
+using GaussianReconLossBackwardOp = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               bool, bool);
 
-TensorPair call_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
-                                           const std::optional<at::Tensor>& grad_kl,
-                                           const at::Tensor& mu, const at::Tensor& logvar,
-                                           const std::optional<at::Tensor>& eps,
-                                           const at::Tensor& rng_state,
-                                           const at::Tensor& kl_position_mean, int64_t num_samples,
-                                           int64_t reduction, double free_bits) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastelbo::reparameterize_kl_backward", "")
-          .typed<TensorPair(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>();
-  return op.call(grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean, num_samples,
-                 reduction, free_bits);
-}
-
-TensorPair call_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
-                                    bool save_grad_unit) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastelbo::gaussian_recon_loss", "")
-          .typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
-  return op.call(x_hat, x, reduction, save_grad_unit);
-}
-
-TensorPair call_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
-                                             const at::Tensor& x, int64_t reduction,
-                                             bool need_grad_x_hat, bool need_grad_x) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastelbo::gaussian_recon_loss_backward", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, int64_t, bool, bool)>();
-  return op.call(grad_loss, x_hat, x, reduction, need_grad_x_hat, need_grad_x);
+// The typed dispatcher handle of op `name` ("fastelbo::..."); callers keep it in a static.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 // Whether t is a real CPU number equal to 1 (reading it then costs no device sync). Under tracing
@@ -143,8 +110,9 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
                                const std::optional<at::Generator>& generator, int64_t num_samples,
                                int64_t reduction, double free_bits) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = typed_op<ReparamKLOp>("fastelbo::reparameterize_kl");
     auto [z, kl, rng_state, kl_position_mean] =
-        call_reparameterize_kl(mu, logvar, eps, generator, num_samples, reduction, free_bits);
+        op.call(mu, logvar, eps, generator, num_samples, reduction, free_bits);
     ctx->save_for_backward({mu, logvar, eps.value_or(at::Tensor()), rng_state, kl_position_mean});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->saved_data["reduction"] = reduction;
@@ -163,7 +131,8 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
     variable_list grads(2);
     if (grad_z.has_value() || grad_kl.has_value()) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(grads[0], grads[1]) = call_reparameterize_kl_backward(
+      static const auto op = typed_op<ReparamKLBackwardOp>("fastelbo::reparameterize_kl_backward");
+      std::tie(grads[0], grads[1]) = op.call(
           grad_z, grad_kl, mu, logvar, defined_or_none(eps), saved[3], saved[4],
           ctx->saved_data["num_samples"].toInt(), ctx->saved_data["reduction"].toInt(),
           ctx->saved_data["free_bits"].toDouble());
@@ -193,7 +162,8 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& x,
                                int64_t reduction, bool save_grad_unit) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, grad_unit] = call_gaussian_recon_loss(x_hat, x, reduction, save_grad_unit);
+    static const auto op = typed_op<GaussianReconLossOp>("fastelbo::gaussian_recon_loss");
+    auto [loss, grad_unit] = op.call(x_hat, x, reduction, save_grad_unit);
     ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit : at::Tensor()});
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({grad_unit});
@@ -217,7 +187,8 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
       if (need_x) grads[1] = -grad_unit;
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(grads[0], grads[1]) = call_gaussian_recon_loss_backward(
+      static const auto op = typed_op<GaussianReconLossBackwardOp>("fastelbo::gaussian_recon_loss_backward");
+      std::tie(grads[0], grads[1]) = op.call(
           grad_loss, x_hat, x, ctx->saved_data["reduction"].toInt(), need_x_hat, need_x);
     }
     if (!need_x_hat) grads[0] = at::Tensor();
