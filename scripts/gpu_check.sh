@@ -279,6 +279,11 @@ def short_kernel_name(name):
     return match.group(0) if match else name[:40]
 
 
+def kernel_breakdown(row):
+    """'recon_forward_flat_kernel 3.5, ...': the row's kernel time per step by kernel."""
+    return ", ".join(f"{short_kernel_name(name)} {us:.1f}" for name, us in (row.get("kernel_time_us_by_name") or {}).items())
+
+
 try:
     with open(sys.argv[1]) as f:
         data = json.load(f)
@@ -312,8 +317,7 @@ for r in rows:
 print("kernel us per step by kernel (fastelbo, fwd+bwd):")
 for r in rows:
     if r["provider"] == "fastelbo":
-        parts = [f"{short_kernel_name(name)} {us:.1f}" for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
-        print(f"  {r['size']:<11} {r['dtype']:<5} " + ", ".join(parts))
+        print(f"  {r['size']:<11} {r['dtype']:<5} {kernel_breakdown(r)}")
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
 try:
@@ -335,10 +339,9 @@ for r in ticket["results"]:
     if r["provider"] != "fastelbo" or r["mode"] != "fwd+bwd":
         continue
     c = with_clusters.get((r["size"], r["dtype"]), {})
-    parts = [f"{short_kernel_name(name)} {us:.1f}" for name, us in (r.get("kernel_time_us_by_name") or {}).items()]
     print(f"  {r['size']:<11} {r['dtype']:<5} kernel us {r.get('kernel_time_us') or float('nan'):.1f} "
           f"(clusters: {c.get('kernel_time_us') or float('nan'):.1f}), step us {r['median_us']:.1f} "
-          f"(clusters: {c.get('median_us') or float('nan'):.1f}): " + ", ".join(parts))
+          f"(clusters: {c.get('median_us') or float('nan'):.1f}): {kernel_breakdown(r)}")
 EOF
 } 2>&1 | tee "$LOGS/summary.txt"
 
