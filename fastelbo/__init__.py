@@ -9,7 +9,8 @@ reconstruction, with their backward passes, behind a drop-in functional API:
 
 `fastelbo.reference` holds the same two functions in plain PyTorch (the validation oracle) and
 `fastelbo.ops` the compiled ops behind them (torch.ops.fastelbo.*, whose autograd is a C++
-torch::autograd::Function per forward op).
+torch::autograd::Function per forward op) and the same ops as torch.autograd.Function subclasses
+(ReparameterizeKL, GaussianReconLoss).
 """
 from ._extension import _C  # noqa: F401  (loads the kernels: registers torch.ops.fastelbo)
 from . import ops, reference

@@ -8,7 +8,9 @@ the backward op and refuses double backward with a clear RuntimeError. So callin
 tensors that require grad records the backward; no Python runs in the backward pass.
 
 Most users call `fastelbo.reparameterize_kl` and `fastelbo.gaussian_recon_loss`, which map the
-reduction names to the codes below.
+reduction names to the codes below and call the forward ops directly. `ReparameterizeKL` and
+`GaussianReconLoss` at the end of this module are the same fused ops as torch.autograd.Function
+subclasses (DESIGN.md section 2), for code that works with Functions.
 """
 import torch
 
@@ -80,3 +82,69 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
         return (torch.empty_like(x_hat, memory_format=torch.contiguous_format)
                 if needed else x_hat.new_empty((0,)))
     return grad(need_grad_x_hat), grad(need_grad_x)
+
+
+# ---- The fused ops as torch.autograd.Function subclasses ------------------------------------
+# Same kernels, values and gradients as fastelbo.reparameterize_kl / gaussian_recon_loss, with the
+# backward in Python: the forward ops run inside Function.forward (grad mode off there, so their
+# compiled autograd records nothing) and backward calls the backward ops. A backward asked to build
+# a graph (create_graph=True) raises at once: the gradients it would return are exact but would be
+# treated as constants by a second differentiation, a silently wrong answer. (The functional API's
+# compiled autograd lets create_graph pass and raises only when the gradients are differentiated.)
+
+
+def _refuse_create_graph(name):
+    if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+        raise RuntimeError(
+            f"fastelbo: double backward (differentiating the gradients of {name}, create_graph=True) is "
+            "not supported; use fastelbo.reference for higher-order gradients")
+
+class ReparameterizeKL(torch.autograd.Function):
+    """z = mu + exp(logvar / 2) * eps and the reduced Gaussian KL, in one fused op.
+
+    apply(mu, logvar, eps, generator, num_samples, reduction_code, free_bits) -> (z, kl), with the
+    codes of REDUCTIONS. The backward regenerates eps from the (seed, offset) the forward used.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        z, kl, rng_state, kl_position_mean = _ops.reparameterize_kl(
+            mu, logvar, eps, generator, num_samples, reduction, free_bits)
+        ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
+        ctx.num_samples, ctx.reduction, ctx.free_bits = num_samples, reduction, free_bits
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        _refuse_create_graph("ReparameterizeKL")
+        if grad_z is None and grad_kl is None:
+            return (None,) * 7
+        mu, logvar, eps, rng_state, kl_position_mean = ctx.saved_tensors
+        grad_mu, grad_logvar = _ops.reparameterize_kl_backward(
+            grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+            ctx.num_samples, ctx.reduction, ctx.free_bits)
+        return grad_mu, grad_logvar, None, None, None, None, None
+
+
+class GaussianReconLoss(torch.autograd.Function):
+    """The reduced squared-error reconstruction loss 1/2 ||x_hat - x||^2, in one fused op.
+
+    apply(x_hat, x, reduction_code) -> loss, with the codes of REDUCTIONS.
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, x, reduction):
+        loss, _ = _ops.gaussian_recon_loss(x_hat, x, reduction, False)
+        ctx.save_for_backward(x_hat, x)
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _refuse_create_graph("GaussianReconLoss")
+        x_hat, x = ctx.saved_tensors
+        need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x_hat, grad_x = _ops.gaussian_recon_loss_backward(
+            grad_loss, x_hat, x, ctx.reduction, need_x_hat, need_x)
+        return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None
