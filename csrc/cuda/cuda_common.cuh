@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <type_traits>
 #include <mutex>
 #include <utility>
 
@@ -365,7 +366,7 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t fir
 
 // Sum of every block's value (valid in thread 0) in block order, handed to use_total(total) in
 // thread 0 of exactly one block. One block: nothing to combine. A grid launched as one
-// thread-block cluster (launch_reduction, sm_90): the first block reads the others' values from
+// thread-block cluster (launch_reducing_kernel, sm_90): the first block reads the others' values from
 // their shared memory, and uses the total before the cluster's last barrier, so that its store
 // overlaps that barrier. Otherwise the ticket: the last block to finish reads the partials. The
 // same additions in the same order either way (thread t takes block t's value, then block_sum),
@@ -574,18 +575,6 @@ bool launch_as_cluster(int64_t blocks, cudaStream_t stream) {
   return blocks <= cluster_capacity<kKernel>(c10::cuda::current_device(), stream);
 }
 
-// Launches kKernel(params) with `blocks` x `threads` on `stream`, as one cluster when asked.
-template <auto kKernel, typename Params>
-void launch_reduction(int64_t blocks, int64_t threads, bool as_cluster, cudaStream_t stream, const Params& params) {
-  if (!as_cluster) {
-    kKernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(params);
-    return;
-  }
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = one_cluster_config(blocks, threads, stream, attribute);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kKernel, params));
-}
-
 // The per-block partial sums and the ticket slot of a reduction over `blocks` blocks; a 1-block
 // grid or a cluster needs neither (buffer undefined, data nullptr). The buffer must outlive the
 // launch only in stream order, which the caching allocator guarantees.
@@ -605,6 +594,28 @@ Partials<acc_t> reduction_partials(int64_t blocks, const at::TensorOptions& opti
     out.slot = ticket_slot(at::cuda::getCurrentCUDAStream());
   }
   return out;
+}
+
+// Launches the reducing kernel kKernel(params) on `blocks` x `threads` (on the current device, on
+// `stream`). Its per-block sums are combined inside one cluster when `may_cluster` (the flat
+// kernels, whose grid_total has the cluster path) and launch_as_cluster allow it; otherwise by the
+// ticket, for which `partial_count` partials are allocated (1: no ticket, nothing allocated) and
+// their buffer and slot handed to the kernel in params.partials and params.slot.
+template <auto kKernel, typename Params>
+void launch_reducing_kernel(int64_t blocks, int64_t threads, int64_t partial_count, bool may_cluster,
+                            Params params, const at::TensorOptions& options, cudaStream_t stream) {
+  using acc_t = std::remove_pointer_t<decltype(params.partials)>;
+  const bool cluster = may_cluster && launch_as_cluster<kKernel>(blocks, stream);
+  const Partials<acc_t> partials = reduction_partials<acc_t>(cluster ? 1 : partial_count, options);
+  params.partials = partials.data;
+  params.slot = partials.slot;
+  if (!cluster) {
+    kKernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(params);
+    return;
+  }
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = one_cluster_config(blocks, threads, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kKernel, params));
 }
 
 }  // namespace cuda

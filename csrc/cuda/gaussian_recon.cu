@@ -281,35 +281,26 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
     p.x = x_c.const_data_ptr<scalar_t>();
     p.grad_unit = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
     p.loss = loss.data_ptr<acc_t>();
-    p.partials = nullptr;
     p.numel = layout.numel;
     p.batch = layout.batch;
     p.per_sample = layout.per_sample;
     p.scale = scale;
     p.grad_scale = static_cast<acc_t>(scale);
-    p.slot = 0;
     const bool aligned = all_aligned({p.x_hat, p.x, p.grad_unit}, 16);
-    Partials<acc_t> partials;  // kept alive until the launch is enqueued
     if (reduction == kNone) {
       const int64_t d = layout.per_sample;
       const RowsGrid grid = rows_grid(layout.batch, ceil_div(d, E), kRowsUnroll);
       p.windows_per_tile = grid.windows_per_tile;
       p.tiles_per_row = grid.tiles;
       p.vec = aligned && d % E == 0;
-      partials = reduction_partials<acc_t>(grid.tiles > 1 ? grid.blocks : 1, x_hat.options());  // 1 tile: no ticket
-      p.partials = partials.data;
-      p.slot = partials.slot;
-      recon_forward_rows_kernel<scalar_t>
-          <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
+      launch_reducing_kernel<recon_forward_rows_kernel<scalar_t>>(
+          grid.blocks, grid.threads, grid.tiles > 1 ? grid.blocks : 1 /* 1 tile: no ticket */, false, p,
+          x_hat.options(), stream);
     } else {
       p.vec = aligned;
-      constexpr auto kernel = recon_forward_flat_kernel<scalar_t>;
       const FlatGrid grid = flat_reduction_grid(ceil_div(layout.numel, E), kUnroll);
-      const bool cluster = launch_as_cluster<kernel>(grid.blocks, stream);
-      partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, x_hat.options());
-      p.partials = partials.data;
-      p.slot = partials.slot;
-      launch_reduction<kernel>(grid.blocks, grid.threads, cluster, stream, p);
+      launch_reducing_kernel<recon_forward_flat_kernel<scalar_t>>(grid.blocks, grid.threads, grid.blocks, true, p,
+                                                                  x_hat.options(), stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -414,12 +414,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 template <typename scalar_t>
 void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bits,
                     const at::Tensor& mu, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = p.numel, batch = p.batch, d = p.per_sample, k = p.num_samples;
   const int64_t windows = ceil_div(d, kWindow);
   const size_t window_align = kPackedAlign<scalar_t, kWindow>;
   const bool windows_vec = d % kWindow == 0 && all_aligned({p.mu, p.logvar, p.eps, p.z}, window_align);
-  Partials<acc_t> partials;  // kept alive until the launch is enqueued
 
   if (free_bits > 0.0) {
     // Columns: TW windows per block; narrower tiles (more lanes over the batch, more blocks) while
@@ -430,33 +428,25 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
     const int64_t blocks = std::min<int64_t>(ceil_div(windows, tw), kMaxBlocks);
     p.col_windows = tw;
     p.vec = windows_vec;
-    partials = reduction_partials<acc_t>(blocks, mu.options());
-    p.partials = partials.data;
-    p.slot = partials.slot;
-    reparam_kl_forward_columns_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    launch_reducing_kernel<reparam_kl_forward_columns_kernel<scalar_t>>(blocks, kThreads, blocks, false, p,
+                                                                        mu.options(), stream);
   } else if (reduction == kNone) {
     const RowsGrid grid = rows_grid(batch, windows, 1);
     p.windows_per_tile = grid.windows_per_tile;
     p.tiles_per_row = grid.tiles;
     p.vec = windows_vec;
-    partials = reduction_partials<acc_t>(grid.tiles > 1 ? grid.blocks : 1, mu.options());  // 1 tile: no ticket
-    p.partials = partials.data;
-    p.slot = partials.slot;
-    reparam_kl_forward_rows_kernel<scalar_t>
-        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
+    launch_reducing_kernel<reparam_kl_forward_rows_kernel<scalar_t>>(
+        grid.blocks, grid.threads, grid.tiles > 1 ? grid.blocks : 1 /* 1 tile: no ticket */, false, p, mu.options(),
+        stream);
   } else {
     constexpr int E = kChunk;
-    constexpr auto kernel = reparam_kl_forward_flat_kernel<scalar_t>;
     const FlatGrid grid = flat_reduction_grid(ceil_div(n, E), 1);
-    const bool cluster = launch_as_cluster<kernel>(grid.blocks, stream);
     // Vector chunks: every pointer, and with several draws every draw's start, chunk-aligned.
     const size_t chunk_align = kPackedAlign<scalar_t, E>;
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, chunk_align) &&
             (k == 1 || (n * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
-    partials = reduction_partials<acc_t>(cluster ? 1 : grid.blocks, mu.options());
-    p.partials = partials.data;
-    p.slot = partials.slot;
-    launch_reduction<kernel>(grid.blocks, grid.threads, cluster, stream, p);
+    launch_reducing_kernel<reparam_kl_forward_flat_kernel<scalar_t>>(grid.blocks, grid.threads, grid.blocks, true, p,
+                                                                     mu.options(), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -506,7 +496,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cud
     p.z = out.z.data_ptr<scalar_t>();
     p.kl = out.kl.data_ptr<acc_t>();
     p.position_mean = free_bits > 0.0 ? out.kl_position_mean.data_ptr<acc_t>() : nullptr;
-    p.partials = nullptr;
     p.rng_state = out.rng_state.data_ptr<int64_t>();
     p.philox = philox;
     p.numel = layout.numel;
@@ -515,7 +504,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cud
     p.num_samples = num_samples;
     p.scale = reduction_scale(reduction, layout);
     p.free_bits = static_cast<acc_t>(free_bits);
-    p.slot = 0;
     launch_forward<scalar_t>(p, reduction, free_bits, mu, stream);
   });
   return {out.z, out.kl, out.rng_state, out.kl_position_mean};
