@@ -19,7 +19,16 @@ install: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torch 2.14.1 is a CUDA build: with its nvidia-* and triton wheels the venv takes about 6 GB.
+# Say so before pip starts, because pip's own "No space left on device" names no size.
+VENV_NEEDS_KB := 6500000
+
 $(DEPS_STAMP): $(PY)
+	@free_kb=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+	if [ "$$free_kb" -lt $(VENV_NEEDS_KB) ]; then \
+	  echo "fastelbo: warning: $$((free_kb / 1024)) MiB free for $(VENV); installing torch and the other" \
+	       "dependencies needs about $$(($(VENV_NEEDS_KB) / 1024)) MiB, so pip may run out of space." >&2; \
+	fi
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(DEPS)
 	touch $@
