@@ -273,6 +273,33 @@ def test_thread_count_independence(device, restore_num_threads):
             assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype):
+    """z and the per-element gradients of one draw are bit-identical whatever the reduction (the
+    CPU kernels cut the work per sample for "none" and free bits, per tensor otherwise) and however
+    the same elements are split into samples ((8, 37) against (1, 296) and (37, 8)): an element's
+    value depends on (seed, offset, index) and its inputs, never on where a block of work starts."""
+    mu, logvar = sample_inputs((8, 37), dtype, device, seed=12, with_eps=False)
+    logvar = (3 * logvar).detach().requires_grad_()  # wide std range: exp's vector and scalar forms disagree somewhere
+    g_z = torch.randn(mu.shape, generator=torch.Generator().manual_seed(13)).to(device, dtype)
+
+    def run(shape, reduction, **kwargs):
+        m = mu.detach().reshape(shape).requires_grad_()
+        lv = logvar.detach().reshape(shape).requires_grad_()
+        torch.manual_seed(77)
+        z, _ = fastelbo.reparameterize_kl(m, lv, reduction=reduction, **kwargs)
+        grads = torch.autograd.grad(z, (m, lv), g_z.reshape(shape))
+        return [t.reshape(-1) for t in (z, *grads)]
+
+    want = run((8, 37), "none")
+    cases = [((8, 37), r, {}) for r in ("sum", "mean", "batchmean")]
+    cases += [((8, 37), "sum", {"free_bits": 0.1}), ((1, 296), "sum", {}), ((1, 296), "none", {}),
+              ((37, 8), "batchmean", {})]
+    for shape, reduction, kwargs in cases:
+        for name, a, b in zip(("z", "grad_mu", "grad_logvar"), want, run(shape, reduction, **kwargs)):
+            assert torch.equal(a, b), f"{name} of {shape} {reduction} {kwargs} differs from (8, 37) none"
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 23), (3, 70), (2, 16389)])
 def test_float32_normals_match_float64_stream(shape):
     """The float32 CPU normals (vectorized Box-Muller where AVX2 is available, including partial

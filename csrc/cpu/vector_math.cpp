@@ -137,7 +137,15 @@ __attribute__((target("avx2,fma"))) void posterior_std_avx2(const float* logvar,
     const __m256 half = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_loadu_ps(logvar + i));
     _mm256_storeu_ps(std + i, Sleef_expf8_u10avx2(half));
   }
-  for (; i < n; ++i) std[i] = math::posterior_std(logvar[i]);
+  if (i < n) {  // the last n % 8 through the same vector exp (padded), not the scalar one: an
+                // element's std must not depend on where its sub-block starts (the work is cut
+                // per sample or per tensor depending on the reduction)
+    alignas(32) float padded[8] = {};
+    for (int64_t j = 0; i + j < n; ++j) padded[j] = logvar[i + j];
+    alignas(32) float out[8];
+    _mm256_store_ps(out, Sleef_expf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_load_ps(padded))));
+    for (int64_t j = 0; i + j < n; ++j) std[i + j] = out[j];
+  }
 }
 
 }  // namespace
