@@ -119,6 +119,20 @@ class CascadeSum {
   int count_[kLevels] = {};
 };
 
+// The layout a kernel cuts its work by. Per sample when the kernel needs per-sample results or
+// positions (reduction "none", free bits); otherwise the tensor is one run of numel elements, so
+// that a small sample (a 20-wide latent) is not a task of its own: a task's set-up (its block of
+// Philox normals, its partial sums) costs more than 20 elements do. Depends on the shape and
+// reduction only: the summation order stays fixed.
+inline BatchLayout task_layout(const BatchLayout& layout, bool per_sample) {
+  if (per_sample) return layout;
+  BatchLayout flat;
+  flat.batch = 1;
+  flat.per_sample = layout.numel;
+  flat.numel = layout.numel;
+  return flat;
+}
+
 class RowChunking {
  public:
   explicit RowChunking(const BatchLayout& layout)
@@ -156,7 +170,8 @@ class RowChunking {
 };
 
 // Computes one partial sum per task (task_sum(task) -> acc_t), then writes the reduced loss into
-// `out`: per-sample sums for reduction "none", else scale * total. Fixed combination order.
+// `out`: per-sample sums for reduction "none", else scale * total. `layout` is the one `chunking`
+// was cut by (task_layout). Fixed combination order.
 template <typename acc_t, typename TaskSum>
 void reduce_rows_into(const RowChunking& chunking, const BatchLayout& layout, int64_t reduction,
                       double scale, at::Tensor& out, TaskSum&& task_sum) {

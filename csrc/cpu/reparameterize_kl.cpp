@@ -80,8 +80,9 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   using acc_t = at::opmath_type<scalar_t>;
   const double scale = reduction_scale(reduction, layout);
   if (free_bits <= 0.0) {
-    const RowChunking chunking(layout);
-    reduce_rows_into<acc_t>(chunking, layout, reduction, scale, kl, [&](int64_t task) {
+    const BatchLayout work = task_layout(layout, reduction == kNone);
+    const RowChunking chunking(work);
+    reduce_rows_into<acc_t>(chunking, work, reduction, scale, kl, [&](int64_t task) {
       CascadeSum<acc_t> sum;  // sub-block sums (in element order), cascaded
       sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
                                     [&](int64_t, const acc_t* kl, int64_t n) {
@@ -174,7 +175,8 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
                                        const acc_t* position_mean, acc_t free_bits,
                                        const BatchLayout& layout, int64_t num_samples,
                                        double scale, scalar_t* grad_mu, scalar_t* grad_logvar) {
-  const RowChunking chunking(layout);
+  // Per sample when the KL gradient differs by sample ("none") or by position (free bits).
+  const RowChunking chunking(task_layout(layout, grad_kl_per_sample || position_mean != nullptr));
   const int64_t N = layout.numel, D = layout.per_sample;
   chunking.for_each_task([&](int64_t task) {
     const int64_t b = chunking.row(task);
