@@ -2,6 +2,8 @@
 # One check of fastelbo's CUDA kernels on a machine with a GPU (no network needed):
 #   build      setup.py build_ext --inplace with the CUDA kernels (FASTELBO_CUDA=1), for the visible GPU's arch
 #   cpu-import `import fastelbo` and a CPU op with no GPU visible (the CUDA build must not need one)
+#   cluster-smoke  one small step with and without the sm_90 cluster reduction (short limit); if it
+#              fails, the later steps run with FASTELBO_CUDA_CLUSTERS=0 and without the cluster tests
 #   cuda-tests tests/test_cuda.py (everything but the slow test)
 #   core-cuda  the CUDA cases of the rest of the suite (tests/ -m cuda)
 #   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
@@ -114,12 +116,45 @@ z, kl = fastelbo.reparameterize_kl(torch.zeros(2, 3), torch.zeros(2, 3))
 print('import fastelbo without a visible GPU: ok, built_with_cuda =', fastelbo._C.built_with_cuda, kl.item())
 "
 
+# ---- cluster smoke test ---------------------------------------------------------------------------
+# The thread-block-cluster reduction (sm_90) is the newest CUDA code. One mnist-size step with
+# clusters and one with the ticket, under a short limit: should the cluster path fail or hang,
+# every later step runs with FASTELBO_CUDA_CLUSTERS=0 and skips the cluster tests, so that one
+# bug there does not spend the whole GPU budget on timeouts. The summary says so.
+cat > "$LOGS/cluster_smoke.py" << 'EOF'
+import torch, fastelbo
+C = fastelbo._C
+print("cluster capacity:", C._cuda_cluster_capacity(torch.cuda.current_device()))
+g = torch.Generator().manual_seed(0)
+mu, logvar, eps = (torch.randn(128, 20, generator=g).cuda() for _ in range(3))
+x_hat, x = (torch.randn(128, 784, generator=g).cuda() for _ in range(2))
+values = {}
+for clusters in (True, False):
+    C._set_cuda_clusters(clusters)
+    _, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="sum")
+    rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction="sum")
+    torch.cuda.synchronize()
+    values[clusters] = (kl.item(), rec.item())
+m, lv = mu.double(), logvar.double()
+want = ((0.5 * (m * m + lv.exp() - 1 - lv)).sum().item(), (0.5 * (x_hat.double() - x.double()) ** 2).sum().item())
+print("cluster", values[True], "ticket", values[False], "float64", want)
+assert values[True] == values[False], "cluster and ticket reductions differ"
+assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(values[True], want)), "not the float64 sums"
+EOF
+CLUSTER_TESTS_OFF=()
+run_step cluster-smoke 45 "$PYTHON" "$LOGS/cluster_smoke.py"
+if wanted cluster-smoke && [[ "${STATUS[-1]}" != ok ]]; then
+  export FASTELBO_CUDA_CLUSTERS=0
+  CLUSTER_TESTS_OFF=(-k "not cluster")
+  echo "    cluster-smoke did not pass: FASTELBO_CUDA_CLUSTERS=0 and no cluster tests from here on"
+fi
+
 # ---- tests ----------------------------------------------------------------------------------------
 # pytest-xdist, where installed, spreads the tests over 8 processes (they share the one GPU).
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
 run_step cuda-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests/test_cuda.py \
-  -m "not slow" --junitxml="$LOGS/cuda-tests.xml"
+  -m "not slow" "${CLUSTER_TESTS_OFF[@]}" --junitxml="$LOGS/cuda-tests.xml"
 # The CUDA twins of every other test (the `device` fixture's "cuda" parameter).
 run_step core-cuda 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests -m "cuda and not slow" \
   --ignore=tests/test_cuda.py --junitxml="$LOGS/core-cuda.xml"
@@ -217,12 +252,14 @@ def one_dtype(dtype):
                 ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
 
 
-# Small grids once as thread-block clusters (sm_90) and once through the ticket.
-for clusters in (True, False):
+# Small grids once as thread-block clusters (sm_90) and once through the ticket; only through the
+# ticket under FASTELBO_CUDA_CLUSTERS=0 (set by this script when cluster-smoke did not pass).
+cluster_settings = (True, False) if fastelbo._C._cuda_clusters_enabled() else (False,)
+for clusters in cluster_settings:
     fastelbo._C._set_cuda_clusters(clusters)
     every_variant()
 torch.cuda.synchronize()
-print("sanitizer driver: every kernel variant ran, with and without clusters")
+print("sanitizer driver: every kernel variant ran; cluster reductions enabled:", cluster_settings)
 EOF
 if [[ -n "$SANITIZER" ]]; then
   for tool in memcheck racecheck; do
@@ -256,6 +293,9 @@ fi
   for i in "${!STEPS[@]}"; do
     printf '%-13s %-32s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
   done
+  [[ "${FASTELBO_CUDA_CLUSTERS:-1}" == 0 ]] &&
+    echo "NOTE: FASTELBO_CUDA_CLUSTERS=0 after cluster-smoke: the steps after it ran without clusters and without the cluster tests"
+  [[ -f "$LOGS/cluster-smoke.log" ]] && tail -n 2 "$LOGS/cluster-smoke.log" | cut -c 1-300 | sed 's/^/cluster-smoke: /'
   for name in cuda-tests slow core-cuda; do
     [[ -f "$LOGS/$name.log" ]] || continue
     echo "$name: $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/$name.log" | tail -n 1)"
