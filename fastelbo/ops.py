@@ -93,6 +93,20 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
 # compiled autograd lets create_graph pass and raises only when the gradients are differentiated.)
 
 
+def _autocast_promoted(*tensors):
+    """Under torch.autocast for the tensors' device: the floating ones cast to the widest floating
+    dtype among them, as the compiled ops' autocast kernels do (csrc/autocast.cpp). Done here,
+    before the op, so that the tensors a Function saves for backward are the ones its forward used.
+    Otherwise (and for None) the tensors as they are."""
+    present = [t for t in tensors if t is not None and t.is_floating_point()]
+    if not present or not torch.is_autocast_enabled(present[0].device.type):
+        return tensors
+    widest = present[0].dtype
+    for t in present[1:]:
+        widest = torch.promote_types(widest, t.dtype)
+    return tuple(t.to(widest) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _refuse_create_graph(name):
     if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
         raise RuntimeError(
@@ -108,6 +122,7 @@ class ReparameterizeKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
         z, kl, rng_state, kl_position_mean = _ops.reparameterize_kl(
             mu, logvar, eps, generator, num_samples, reduction, free_bits)
         ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
@@ -135,6 +150,7 @@ class GaussianReconLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_hat, x, reduction):
+        x_hat, x = _autocast_promoted(x_hat, x)
         loss, _ = _ops.gaussian_recon_loss(x_hat, x, reduction, False)
         ctx.save_for_backward(x_hat, x)
         ctx.reduction = reduction

@@ -1,0 +1,87 @@
+// Autocast (torch.autocast) for the two forward ops: mixed floating dtypes are promoted to the
+// widest of them, as torch's "promote" ops do under autocast, instead of raising the TypeError that
+// mismatched dtypes get outside autocast.
+//
+// Why. Under autocast an encoder's and a decoder's outputs come back in bfloat16 or float16 while
+// the data x stays float32, so gaussian_recon_loss(x_hat, x) would meet two dtypes in every mixed
+// precision training step; torch's mse_loss accepts that (autocast runs it in float32).
+// Why promote rather than cast everything to float32 as autocast does for mse_loss: the kernels
+// already compute and accumulate in float32 and return float32 losses for 16-bit inputs, so
+// inputs that agree on a 16-bit dtype are read as they are (half the bytes), and only a mixed pair
+// pays for one cast, to the wider dtype, like torch.cat under autocast.
+//
+// Registered at the autocast keys, which the dispatcher visits before autograd: the casts below
+// are recorded by autograd like any other op, so gradients come back in each input's own dtype.
+// The backward ops need nothing here: they are called with the promoted tensors.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+#include "fastelbo.h"
+
+namespace fastelbo {
+namespace {
+
+using ReparamKLResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+// The widest floating dtype among the defined floating tensors (std::nullopt if there is none).
+// Non-floating tensors are left out: the op itself rejects them with its usual TypeError.
+std::optional<at::ScalarType> widest_floating(std::initializer_list<const at::Tensor*> tensors) {
+  std::optional<at::ScalarType> widest;
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined() || !at::isFloatingType(t->scalar_type())) continue;
+    widest = widest ? at::promote_types(*widest, t->scalar_type()) : t->scalar_type();
+  }
+  return widest;
+}
+
+at::Tensor cast_floating(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
+  if (!dtype || !t.defined() || !at::isFloatingType(t.scalar_type()) || t.scalar_type() == *dtype) return t;
+  return t.to(*dtype);
+}
+
+ReparamKLResult reparameterize_kl_autocast(const at::Tensor& mu, const at::Tensor& logvar,
+                                           const std::optional<at::Tensor>& eps,
+                                           std::optional<at::Generator> generator, int64_t num_samples,
+                                           int64_t reduction, double free_bits) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastelbo::reparameterize_kl", "")
+                             .typed<ReparamKLResult(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&,
+                                                    std::optional<at::Generator>, int64_t, int64_t, double)>();
+  const auto dtype = widest_floating({&mu, &logvar, eps ? &*eps : nullptr});
+  const std::optional<at::Tensor> eps_cast =
+      eps ? std::optional<at::Tensor>(cast_floating(*eps, dtype)) : std::nullopt;
+  return op.call(cast_floating(mu, dtype), cast_floating(logvar, dtype), eps_cast, std::move(generator),
+                 num_samples, reduction, free_bits);
+}
+
+TensorPair gaussian_recon_loss_autocast(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+                                        bool save_grad_unit) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastelbo::gaussian_recon_loss", "")
+                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  const auto dtype = widest_floating({&x_hat, &x});
+  return op.call(cast_floating(x_hat, dtype), cast_floating(x, dtype), reduction, save_grad_unit);
+}
+
+}  // namespace
+}  // namespace fastelbo
+
+TORCH_LIBRARY_IMPL(fastelbo, AutocastCPU, m) {
+  m.impl("reparameterize_kl", &fastelbo::reparameterize_kl_autocast);
+  m.impl("gaussian_recon_loss", &fastelbo::gaussian_recon_loss_autocast);
+}
+
+TORCH_LIBRARY_IMPL(fastelbo, AutocastCUDA, m) {
+  m.impl("reparameterize_kl", &fastelbo::reparameterize_kl_autocast);
+  m.impl("gaussian_recon_loss", &fastelbo::gaussian_recon_loss_autocast);
+}

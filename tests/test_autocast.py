@@ -1,0 +1,156 @@
+"""fastelbo under torch.autocast (csrc/autocast.cpp): mixed floating dtypes are promoted to the
+widest of them, as torch's promote ops do, instead of raising the TypeError they get outside
+autocast; inputs that agree on a dtype are passed through uncast. Results and gradients are those
+of the same call made outside autocast on the promoted tensors, bit for bit, and gradients come back
+in each input's own dtype.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastelbo
+from fastelbo import ops
+
+from conftest import sample_inputs, recon_inputs
+
+LOW = [torch.bfloat16, torch.float16]
+LOW_IDS = ["bfloat16", "float16"]
+
+
+class CountCasts(TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy) that reach the dispatcher below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def leaf(t, dtype):
+    return t.detach().to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("low", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_recon_promotes_a_mixed_pair(device, low, reduction):
+    """A decoder output in 16 bits and float32 data (every mixed-precision VAE step): the loss is
+    the float32 call's, x_hat's gradient that call's gradient cast back to x_hat's dtype."""
+    x_hat32, x = recon_inputs((4, 37), torch.float32, device, seed=1)
+    x_hat = leaf(x_hat32, low)
+    with torch.autocast(device, dtype=low):
+        loss = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+    grad_out = torch.rand(loss.shape, device=device) + 0.5
+    (grad,) = torch.autograd.grad(loss, x_hat, grad_out)
+
+    x_hat_promoted = leaf(x_hat, torch.float32)
+    want = fastelbo.gaussian_recon_loss(x_hat_promoted, x, reduction=reduction)
+    (want_grad,) = torch.autograd.grad(want, x_hat_promoted, grad_out)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, want)
+    assert grad.dtype == low
+    assert torch.equal(grad, want_grad.to(low))
+
+
+@pytest.mark.parametrize("low", LOW, ids=LOW_IDS)
+def test_same_dtypes_are_not_cast(device, low):
+    """Inputs that agree on a 16-bit dtype are read as they are (no cast: half the bytes of
+    float32), with the same values as outside autocast; a mixed pair costs exactly one cast."""
+    x_hat, x = recon_inputs((3, 20), low, device, seed=2)
+    mu, logvar = sample_inputs((3, 5), low, device, seed=3, with_eps=False)
+    with torch.autocast(device, dtype=low):
+        with CountCasts() as counter:
+            loss = fastelbo.gaussian_recon_loss(x_hat, x)
+            torch.manual_seed(4)
+            z, kl = fastelbo.reparameterize_kl(mu, logvar)
+        assert counter.casts == 0
+        x32 = x.float()
+        with CountCasts() as counter:
+            fastelbo.gaussian_recon_loss(x_hat, x32)
+        assert counter.casts == 1
+    torch.manual_seed(4)
+    z_plain, kl_plain = fastelbo.reparameterize_kl(mu, logvar)
+    assert z.dtype == low and kl.dtype == torch.float32
+    assert torch.equal(loss, fastelbo.gaussian_recon_loss(x_hat, x))
+    assert torch.equal(z, z_plain) and torch.equal(kl, kl_plain)
+
+
+@pytest.mark.parametrize("low", LOW, ids=LOW_IDS)
+def test_reparameterize_kl_promotes_mixed_latents(device, low):
+    """mu in 16 bits, logvar (and a given eps) in float32: computed in float32 on the promoted
+    tensors, the same draw as outside autocast; each gradient in its input's dtype."""
+    mu32, logvar, eps = sample_inputs((6, 9), torch.float32, device, seed=5)
+    mu = leaf(mu32, low)
+    logvar = logvar.detach().requires_grad_()
+    for given_eps in (None, eps.detach().to(low)):
+        with torch.autocast(device, dtype=low):
+            torch.manual_seed(6)
+            z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=given_eps)
+        g_z = torch.randn(z.shape, device=device)
+        grads = torch.autograd.grad((z, kl), (mu, logvar), (g_z, torch.tensor(0.7, device=device)))
+
+        mu_p = leaf(mu, torch.float32)
+        torch.manual_seed(6)
+        z_want, kl_want = fastelbo.reparameterize_kl(
+            mu_p, logvar, eps=None if given_eps is None else given_eps.float())
+        want = torch.autograd.grad((z_want, kl_want), (mu_p, logvar), (g_z, torch.tensor(0.7, device=device)))
+        assert z.dtype == torch.float32
+        assert torch.equal(z, z_want) and torch.equal(kl, kl_want)
+        assert grads[0].dtype == low and grads[1].dtype == torch.float32
+        assert torch.equal(grads[0], want[0].to(low)) and torch.equal(grads[1], want[1])
+
+
+def test_mismatched_dtypes_still_raise_outside_autocast(device):
+    x_hat, x = recon_inputs((2, 3), torch.float32, device, seed=7)
+    with pytest.raises(TypeError, match="same dtype"):
+        fastelbo.gaussian_recon_loss(x_hat.bfloat16(), x)
+    with pytest.raises(TypeError):
+        fastelbo.reparameterize_kl(x.bfloat16(), x)
+    # autocast for another device type does not apply to these tensors
+    other = "cuda" if device == "cpu" else "cpu"
+    if other == "cpu" or torch.cuda.is_available():
+        with torch.autocast(other, dtype=torch.bfloat16), pytest.raises(TypeError, match="same dtype"):
+            fastelbo.gaussian_recon_loss(x_hat.bfloat16(), x)
+
+
+@pytest.mark.parametrize("low", LOW, ids=LOW_IDS)
+def test_autograd_functions_promote_like_the_functional_api(device, low):
+    """fastelbo.ops.ReparameterizeKL / GaussianReconLoss under autocast: the values and gradients of
+    the functional API (their backward runs on the tensors the forward used)."""
+    code = ops.REDUCTIONS["batchmean"]
+    x_hat32, x = recon_inputs((3, 11), torch.float32, device, seed=8)
+    mu32, logvar, eps = sample_inputs((3, 4), torch.float32, device, seed=9)
+
+    def run(functions):
+        x_hat, mu, lv = leaf(x_hat32, low), leaf(mu32, low), logvar.detach().requires_grad_()
+        with torch.autocast(device, dtype=low):
+            if functions:
+                rec = ops.GaussianReconLoss.apply(x_hat, x, code)
+                z, kl = ops.ReparameterizeKL.apply(mu, lv, eps, None, 1, code, 0.0)
+            else:
+                rec = fastelbo.gaussian_recon_loss(x_hat, x)
+                z, kl = fastelbo.reparameterize_kl(mu, lv, eps=eps)
+        grads = torch.autograd.grad(rec + kl + z.sum(), (x_hat, mu, lv))
+        return (rec, z, kl, *grads)
+
+    for a, b in zip(run(True), run(False)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_compiled_under_autocast(device):
+    """torch.compile traces through the autocast kernels (on fake tensors) and gives the eager values."""
+    x_hat, x = recon_inputs((4, 10), torch.float32, device, seed=10)
+    mu, logvar, eps = sample_inputs((4, 3), torch.float32, device, seed=11)
+
+    def step(x_hat, x, mu, logvar, eps):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            z, kl = fastelbo.reparameterize_kl(mu.bfloat16(), logvar, eps=eps)
+            return fastelbo.gaussian_recon_loss(x_hat.bfloat16(), x) + kl, z
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    args = (x_hat.detach(), x, mu.detach(), logvar.detach(), eps)
+    for got, want in zip(compiled(*args), step(*args)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
