@@ -14,7 +14,6 @@
 // are recorded by autograd like any other op, so gradients come back in each input's own dtype.
 // The backward ops need nothing here: they are called with the promoted tensors.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -22,13 +21,10 @@
 #include <optional>
 #include <tuple>
 
-#include "fastelbo.h"
+#include "op_handles.h"
 
 namespace fastelbo {
 namespace {
-
-using ReparamKLResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
 // The widest floating dtype among the defined floating tensors (std::nullopt if there is none).
 // Non-floating tensors are left out: the op itself rejects them with its usual TypeError.
@@ -51,11 +47,7 @@ ReparamKLResult reparameterize_kl_autocast(const at::Tensor& mu, const at::Tenso
                                            std::optional<at::Generator> generator, int64_t num_samples,
                                            int64_t reduction, double free_bits) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastelbo::reparameterize_kl", "")
-                             .typed<ReparamKLResult(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&,
-                                                    std::optional<at::Generator>, int64_t, int64_t, double)>();
+  static const auto op = typed_op<ReparamKLOp>("fastelbo::reparameterize_kl");
   const auto dtype = widest_floating({&mu, &logvar, eps ? &*eps : nullptr});
   const std::optional<at::Tensor> eps_cast =
       eps ? std::optional<at::Tensor>(cast_floating(*eps, dtype)) : std::nullopt;
@@ -66,9 +58,7 @@ ReparamKLResult reparameterize_kl_autocast(const at::Tensor& mu, const at::Tenso
 TensorPair gaussian_recon_loss_autocast(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
                                         bool save_grad_unit) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastelbo::gaussian_recon_loss", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  static const auto op = typed_op<GaussianReconLossOp>("fastelbo::gaussian_recon_loss");
   const auto dtype = widest_floating({&x_hat, &x});
   return op.call(cast_floating(x_hat, dtype), cast_floating(x, dtype), reduction, save_grad_unit);
 }

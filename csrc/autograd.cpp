@@ -7,7 +7,6 @@
 //
 // Under torch.compile the same code runs on fake tensors: AOTAutograd traces the forward op and,
 // through these nodes, the backward op (both have fake implementations in fastelbo/ops.py).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -16,33 +15,13 @@
 #include <tuple>
 
 #include "fastelbo.h"
+#include "op_handles.h"
 
 namespace fastelbo {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// ---- the ops, called below the autograd key ----------------------------------------------------
-
-using ReparamKLResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-
-// The C++ signatures of the schemas in csrc/ops.cpp.
-using ReparamKLOp = ReparamKLResult(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                    std::optional<at::Generator>, int64_t, int64_t, double);
-using ReparamKLBackwardOp = TensorPair(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                       const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
-using GaussianReconLossOp = TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool);
-using GaussianReconLossBackwardOp = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                               bool, bool);
-
-// The typed dispatcher handle of op `name` ("fastelbo::..."); callers keep it in a static.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Whether t is a real CPU number equal to 1 (reading it then costs no device sync). Under tracing
 // (fake, functional or symbolic-shape tensors: torch.compile, opcheck) its value is unknown: no.
