@@ -1,5 +1,6 @@
 """Times fastelbo's CPU ops called directly (torch.ops.fastelbo, no autograd, no Python wrapper):
-the figures of benches/RESULTS.md "CPU loops". Median of `--reps` calls after a warm-up.
+the figures of benches/RESULTS.md "CPU loops" ("batchmean" unless a line says otherwise). Median
+of `--reps` calls after a warm-up.
 
     .venv/bin/python scripts/cpu_kernel_calls.py [--threads N] [--reps 3000]
 """
@@ -40,15 +41,18 @@ def main():
             grad = torch.ones(())
             print(f"recon forward  {str(shape):12} {median_us(lambda: ops.gaussian_recon_loss(x_hat, x, BATCHMEAN, False), args.reps):9.1f}")
             print(f"recon backward {str(shape):12} {median_us(lambda: ops.gaussian_recon_loss_backward(grad, x_hat, x, BATCHMEAN, True, False), args.reps):9.1f}")
-        for shape in [(128, 20), (8, 4096)]:
+        for shape, name in [((128, 20), "batchmean"), ((8, 4096), "batchmean"), ((128, 20), "none"),
+                            ((1024, 8), "none")]:
+            code = fastelbo.ops.REDUCTIONS[name]
             mu, logvar = torch.randn(shape), 0.1 * torch.randn(shape)
-            _, _, rng_state, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, BATCHMEAN, 0.0)
-            grad_z, grad_kl = torch.randn(shape), torch.ones(())
-            forward = lambda: ops.reparameterize_kl(mu, logvar, None, None, 1, BATCHMEAN, 0.0)
+            _, kl, rng_state, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
+            grad_z, grad_kl = torch.randn(shape), torch.ones(kl.shape)
+            forward = lambda: ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
             backward = lambda: ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng_state,
-                                                               position_mean, 1, BATCHMEAN, 0.0)
-            print(f"sample+KL forward  {str(shape):12} {median_us(forward, args.reps):9.1f}")
-            print(f"sample+KL backward {str(shape):12} {median_us(backward, args.reps):9.1f}")
+                                                               position_mean, 1, code, 0.0)
+            label = f"{str(shape)} {name}"
+            print(f"sample+KL forward  {label:22} {median_us(forward, args.reps):9.1f}")
+            print(f"sample+KL backward {label:22} {median_us(backward, args.reps):9.1f}")
 
 
 if __name__ == "__main__":

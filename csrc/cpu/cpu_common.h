@@ -133,30 +133,46 @@ inline BatchLayout task_layout(const BatchLayout& layout, bool per_sample) {
   return flat;
 }
 
+// The fixed cut of a (batch, per_sample) tensor into pieces and tasks. A piece is a run of at most
+// kChunk consecutive elements of one sample (a sample longer than kChunk has several), with its
+// own partial sum. A task is a run of consecutive pieces for one thread: a single piece when the
+// samples are longer than kChunk, else as many whole samples as fit in kChunk elements, so that
+// short samples (a 20-wide latent with reduction "none") share one task's set-up. The cut depends
+// only on the shape: the summation order is fixed.
 class RowChunking {
  public:
   explicit RowChunking(const BatchLayout& layout)
       : per_sample_(layout.per_sample),
         chunks_per_row_(std::max<int64_t>(1, (layout.per_sample + kChunk - 1) / kChunk)),
-        num_tasks_(layout.numel == 0 ? 0 : layout.batch * chunks_per_row_) {}
+        pieces_per_task_(chunks_per_row_ > 1 ? 1 : std::max<int64_t>(1, kChunk / std::max<int64_t>(1, per_sample_))),
+        num_pieces_(layout.numel == 0 ? 0 : layout.batch * chunks_per_row_),
+        num_tasks_((num_pieces_ + pieces_per_task_ - 1) / pieces_per_task_) {}
 
   int64_t num_tasks() const { return num_tasks_; }
+  int64_t num_pieces() const { return num_pieces_; }
   int64_t chunks_per_row() const { return chunks_per_row_; }
-  int64_t row(int64_t task) const { return task / chunks_per_row_; }
-  // Global element range [begin, end) of a task.
-  int64_t begin(int64_t task) const {
-    return row(task) * per_sample_ + (task % chunks_per_row_) * kChunk;
+  int64_t per_sample() const { return per_sample_; }
+
+  // Pieces [first_piece(task), end_piece(task)) of a task.
+  int64_t first_piece(int64_t task) const { return task * pieces_per_task_; }
+  int64_t end_piece(int64_t task) const { return std::min(num_pieces_, (task + 1) * pieces_per_task_); }
+  // The sample of a piece, and the piece's global element range [piece_begin, piece_end).
+  int64_t row_of_piece(int64_t piece) const { return piece / chunks_per_row_; }
+  int64_t piece_begin(int64_t piece) const {
+    return row_of_piece(piece) * per_sample_ + (piece % chunks_per_row_) * kChunk;
   }
-  int64_t end(int64_t task) const {
-    return row(task) * per_sample_ +
-           std::min(per_sample_, (task % chunks_per_row_ + 1) * kChunk);
+  int64_t piece_end(int64_t piece) const {
+    return row_of_piece(piece) * per_sample_ + std::min(per_sample_, (piece % chunks_per_row_ + 1) * kChunk);
   }
+  // A task's global element range [begin, end).
+  int64_t begin(int64_t task) const { return piece_begin(first_piece(task)); }
+  int64_t end(int64_t task) const { return piece_end(end_piece(task) - 1); }
 
   // Runs body(task) for every task, in parallel when the tensor is large enough.
   template <typename Body>
   void for_each_task(Body&& body) const {
     if (num_tasks_ == 0) return;
-    const int64_t elements_per_task = std::max<int64_t>(1, std::min(per_sample_, kChunk));
+    const int64_t elements_per_task = std::max<int64_t>(1, std::min(per_sample_, kChunk) * pieces_per_task_);
     const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / elements_per_task);
     at::parallel_for(0, num_tasks_, grain, [&](int64_t first, int64_t last) {
       for (int64_t task = first; task < last; ++task) body(task);
@@ -166,23 +182,26 @@ class RowChunking {
  private:
   int64_t per_sample_;
   int64_t chunks_per_row_;
+  int64_t pieces_per_task_;
+  int64_t num_pieces_;
   int64_t num_tasks_;
 };
 
-// Computes one partial sum per task (task_sum(task) -> acc_t), then writes the reduced loss into
-// `out`: per-sample sums for reduction "none", else scale * total. `layout` is the one `chunking`
-// was cut by (task_layout). Fixed combination order.
-template <typename acc_t, typename TaskSum>
+// Computes the partial sum of every piece, task by task (task_sums(task, sums) writes the sums of
+// the task's pieces, in order, at sums[0], sums[1], ...), then writes the reduced loss into `out`:
+// per-sample sums for reduction "none", else scale * total. `layout` is the one `chunking` was cut
+// by (task_layout). Fixed combination order.
+template <typename acc_t, typename TaskSums>
 void reduce_rows_into(const RowChunking& chunking, const BatchLayout& layout, int64_t reduction,
-                      double scale, at::Tensor& out, TaskSum&& task_sum) {
-  std::vector<acc_t> partials(chunking.num_tasks());
-  chunking.for_each_task([&](int64_t task) { partials[task] = task_sum(task); });
+                      double scale, at::Tensor& out, TaskSums&& task_sums) {
+  std::vector<acc_t> partials(chunking.num_pieces());
+  chunking.for_each_task([&](int64_t task) { task_sums(task, partials.data() + chunking.first_piece(task)); });
 
   acc_t* out_data = out.data_ptr<acc_t>();
   acc_t total = 0;
   for (int64_t b = 0; b < layout.batch; ++b) {
     acc_t row_sum = 0;
-    if (chunking.num_tasks() > 0) {
+    if (chunking.num_pieces() > 0) {
       for (int64_t c = 0; c < chunking.chunks_per_row(); ++c) {
         row_sum += partials[b * chunking.chunks_per_row() + c];
       }

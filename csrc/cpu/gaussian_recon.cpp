@@ -125,11 +125,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
     const scalar_t* xv = x_c.const_data_ptr<scalar_t>();
     scalar_t* gu = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
     // An empty batch has no tasks: the reduction writes its identity, 0.
-    reduce_rows_into<acc_t>(chunking, work, reduction, scale, loss, [&](int64_t task) {
-      const int64_t begin = chunking.begin(task), end = chunking.end(task);
-      const acc_t grad_scale = static_cast<acc_t>(scale);
-      return gu ? recon_range_sum<true>(xh, xv, begin, end, gu, grad_scale)
-                : recon_range_sum<false>(xh, xv, begin, end, gu, grad_scale);
+    const acc_t grad_scale = static_cast<acc_t>(scale);
+    reduce_rows_into<acc_t>(chunking, work, reduction, scale, loss, [&](int64_t task, acc_t* sums) {
+      for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
+        const int64_t begin = chunking.piece_begin(p), end = chunking.piece_end(p);
+        *sums++ = gu ? recon_range_sum<true>(xh, xv, begin, end, gu, grad_scale)
+                     : recon_range_sum<false>(xh, xv, begin, end, gu, grad_scale);
+      }
     });
   });
   return {loss, grad_unit};
@@ -158,11 +160,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     scalar_t* gxh = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     chunking.for_each_task([&](int64_t task) {
-      const acc_t grad_rec = g[reduction == kNone ? chunking.row(task) : 0] * static_cast<acc_t>(scale);
-      for (int64_t i = chunking.begin(task), end = chunking.end(task); i < end; ++i) {
-        const acc_t grad = math::grad_x_hat_element(static_cast<acc_t>(xh[i]), static_cast<acc_t>(xv[i]), grad_rec);
-        if (gxh) gxh[i] = static_cast<scalar_t>(grad);
-        if (gx) gx[i] = static_cast<scalar_t>(-grad);
+      for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
+        const acc_t grad_rec = g[reduction == kNone ? chunking.row_of_piece(p) : 0] * static_cast<acc_t>(scale);
+        for (int64_t i = chunking.piece_begin(p), end = chunking.piece_end(p); i < end; ++i) {
+          const acc_t grad = math::grad_x_hat_element(static_cast<acc_t>(xh[i]), static_cast<acc_t>(xv[i]), grad_rec);
+          if (gxh) gxh[i] = static_cast<scalar_t>(grad);
+          if (gx) gx[i] = static_cast<scalar_t>(-grad);
+        }
       }
     });
   });

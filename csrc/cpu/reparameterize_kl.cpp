@@ -46,16 +46,24 @@ struct SampleArgs {
   uint64_t offset;
 };
 
+// Length of the sub-block of elements starting at `first`: at most kSubBlock, ending at `end` or at
+// the next multiple of `cut` (a sample boundary when the work is cut per sample), so that a
+// sub-block lies in one sample and a sample's sub-blocks start at its first element.
+inline int64_t sub_block_length(int64_t first, int64_t end, int64_t cut) {
+  return std::min({kSubBlock, end - first, (first / cut + 1) * cut - first});
+}
+
 // Writes z for elements [begin, end) of every draw and hands the KL of each sub-block of elements
 // to kl_sink(first, kl, n) (elements first .. first + n - 1): sums stay in registers that way.
+// Sub-blocks never cross a multiple of `cut` (see sub_block_length).
 template <typename scalar_t, typename acc_t, typename KLSink>
-void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, KLSink&& kl_sink) {
+void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, int64_t cut, KLSink&& kl_sink) {
   for (int64_t k = 0; k < a.num_samples; ++k) {
     NormalBlock<acc_t> normal(a.seed, a.offset + static_cast<uint64_t>(k), end);
     scalar_t* z = a.z + k * a.numel;
     const scalar_t* eps = a.eps ? a.eps + k * a.numel : nullptr;
-    for (int64_t first = begin; first < end; first += kSubBlock) {
-      const int64_t n = std::min(kSubBlock, end - first);
+    for (int64_t first = begin, n = 0; first < end; first += n) {
+      n = sub_block_length(first, end, cut);
       acc_t logvar[kSubBlock], std[kSubBlock];
       for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
       posterior_std_block(logvar, n, std);
@@ -82,13 +90,22 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   if (free_bits <= 0.0) {
     const BatchLayout work = task_layout(layout, reduction == kNone);
     const RowChunking chunking(work);
-    reduce_rows_into<acc_t>(chunking, work, reduction, scale, kl, [&](int64_t task) {
-      CascadeSum<acc_t> sum;  // sub-block sums (in element order), cascaded
-      sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task),
-                                    [&](int64_t, const acc_t* kl, int64_t n) {
+    reduce_rows_into<acc_t>(chunking, work, reduction, scale, kl, [&](int64_t task, acc_t* sums) {
+      // Sub-block sums (in element order) cascaded per piece; sub-blocks never straddle two pieces
+      // (a task's internal piece boundaries are sample boundaries, and sample_range cuts there).
+      int64_t piece = chunking.first_piece(task);
+      int64_t piece_end = chunking.piece_end(piece);
+      CascadeSum<acc_t> sum;
+      sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task), work.per_sample,
+                                    [&](int64_t first, const acc_t* kl, int64_t n) {
+                                      if (first >= piece_end) {  // the next piece starts here
+                                        *sums++ = sum.sum();
+                                        sum = CascadeSum<acc_t>();
+                                        piece_end = chunking.piece_end(++piece);
+                                      }
                                       sum.add(pairwise_sum(kl, n));
                                     });
-      return sum.sum();
+      *sums = sum.sum();
     });
     return;
   }
@@ -105,7 +122,7 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
       std::vector<acc_t> column_sum(j1 - j0, acc_t(0));
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row_start = b * D;
-        sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1,
+        sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1, D,
                                       [&](int64_t first, const acc_t* kl, int64_t n) {
                                         acc_t* column = column_sum.data() + (first - row_start - j0);
                                         for (int64_t j = 0; j < n; ++j) column[j] += kl[j];
@@ -175,21 +192,22 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
                                        const acc_t* position_mean, acc_t free_bits,
                                        const BatchLayout& layout, int64_t num_samples,
                                        double scale, scalar_t* grad_mu, scalar_t* grad_logvar) {
-  // Per sample when the KL gradient differs by sample ("none") or by position (free bits).
+  // Per sample when the KL gradient differs by sample ("none") or by position (free bits); then
+  // sub-blocks are cut at sample boundaries, so each lies in one sample b.
   const RowChunking chunking(task_layout(layout, grad_kl_per_sample || position_mean != nullptr));
   const int64_t N = layout.numel, D = layout.per_sample;
   chunking.for_each_task([&](int64_t task) {
-    const int64_t b = chunking.row(task);
-    const acc_t grad_kl_row =
-        grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
     c10::SmallVector<NormalBlock<acc_t>, 2> normals;
     if (grad_z) {  // (nothing is drawn until a normal is taken: free when eps is given)
       for (int64_t k = 0; k < num_samples; ++k) {
         normals.emplace_back(seed, offset + static_cast<uint64_t>(k), chunking.end(task));
       }
     }
-    for (int64_t first = chunking.begin(task), end = chunking.end(task); first < end; first += kSubBlock) {
-      const int64_t n = std::min(kSubBlock, end - first);
+    for (int64_t first = chunking.begin(task), end = chunking.end(task), n = 0; first < end; first += n) {
+      n = sub_block_length(first, end, chunking.per_sample());
+      const int64_t b = first / D;
+      const acc_t grad_kl_row =
+          grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
       acc_t lv[kSubBlock], std[kSubBlock];
       for (int64_t j = 0; j < n; ++j) lv[j] = static_cast<acc_t>(logvar[first + j]);
       posterior_std_block(lv, n, std);
