@@ -273,6 +273,44 @@ def test_thread_count_independence(device, restore_num_threads):
             assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
 
 
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_short_samples_over_several_tasks(device, restore_num_threads, reduction):
+    """(3000, 7) float32: on the CPU short samples are grouped into tasks of whole samples (2340 per
+    task here: three tasks, so several threads). Per-sample KL and recon, z and the gradients
+    agree with float64 math on the same eps, and are bit-identical under 1, 2 and 3 threads."""
+    shape = (3000, 7)
+    mu, logvar = sample_inputs(shape, torch.float32, device, seed=14, with_eps=False)
+    x_hat, x = recon_inputs(shape, torch.float32, device, seed=15)
+
+    def run():
+        torch.manual_seed(16)
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, num_samples=2)
+        rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+        g_out = random_grad_outputs((z, kl), reduction, seed=17)
+        g_rec = random_grad_outputs((rec,), reduction, seed=18)[0]
+        grads = torch.autograd.grad((z, kl, rec), (mu, logvar, x_hat), (*g_out, g_rec))
+        return [z, kl, rec, *grads], g_out, g_rec
+
+    results = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results[threads] = run()[0]
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[threads])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+
+    (z, kl, rec, g_mu, g_logvar, g_x_hat), g_out, g_rec = run()
+    m, lv, xh = (t.detach().double().requires_grad_() for t in (mu, logvar, x_hat))
+    xv = x.detach().double()
+    eps = (z.detach().double() - m.detach()) / torch.exp(0.5 * lv.detach())
+    f = lambda m_, lv_, xh_: (*reference.reparameterize_kl(m_, lv_, reduction=reduction, num_samples=2, eps=eps),
+                             reference.gaussian_recon_loss(xh_, xv, reduction=reduction))
+    (z64, kl64, rec64), grads64 = run_with_grads(f, (m, lv, xh), (*(t.double() for t in g_out), g_rec.double()))
+    for name, got, want in (("kl", kl, kl64), ("rec", rec, rec64), ("grad_mu", g_mu, grads64[0]),
+                            ("grad_logvar", g_logvar, grads64[1]), ("grad_x_hat", g_x_hat, grads64[2])):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
 def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype):
     """z and the per-element gradients of one draw are bit-identical whatever the reduction (the
