@@ -139,3 +139,27 @@ def test_compile_matches_eager_drawn_eps(device, compiled):
     assert (z1 != z2).float().mean() > 0.9
     assert (z1[0] != z1[1]).float().mean() > 0.9
     assert not torch.equal(grads_c[1], grads_c2[1])
+
+
+def test_compile_dynamic_batch_sizes(device):
+    """torch.compile(dynamic=True), as a training loop whose last batch is smaller gets: one graph
+    over symbolic batch sizes (the fake implementations compute the output shapes, free bits'
+    per-position means included) gives the eager values and gradients at three batch sizes."""
+    def step(mu, logvar, x_hat, x, eps):
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, free_bits=0.1)
+        per_sample = fastelbo.gaussian_recon_loss(x_hat, x, reduction="none")
+        return per_sample.mean() + kl, z
+
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (8, 5, 3):
+        mu, logvar, eps = sample_inputs((batch, 4), torch.float32, device, seed=20 + batch)
+        x_hat, x = recon_inputs((batch, 6), torch.float32, device, seed=30 + batch)
+        results = []
+        for fn in (compiled, step):
+            loss, z = fn(mu, logvar, x_hat, x, eps)
+            results.append([loss, z, *torch.autograd.grad(loss, (mu, logvar, x_hat))])
+        for a, b in zip(*results):
+            assert a.shape == b.shape and torch.equal(a, b)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1  # no recompilation
