@@ -87,10 +87,13 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
 # ---- The fused ops as torch.autograd.Function subclasses ------------------------------------
 # Same kernels, values and gradients as fastelbo.reparameterize_kl / gaussian_recon_loss, with the
 # backward in Python: the forward ops run inside Function.forward (grad mode off there, so their
-# compiled autograd records nothing) and backward calls the backward ops. A backward asked to build
-# a graph (create_graph=True) raises at once: the gradients it would return are exact but would be
-# treated as constants by a second differentiation, a silently wrong answer. (The functional API's
-# compiled autograd lets create_graph pass and raises only when the gradients are differentiated.)
+# compiled autograd records nothing) and backward calls the backward ops. Written in the
+# setup_context style with generate_vmap_rule, so that torch.func transforms take them
+# (torch.func.grad, and vmap through torch's per-example fallback for the ops), which they refuse
+# for the functional API's C++ autograd. Double backward: when a backward builds a graph
+# (create_graph=True, as torch.func.grad always does) its gradients pass through
+# _RefuseDoubleBackward, which raises only if they are differentiated again; the gradients are
+# exact, but a second differentiation would treat them as constants, a silently wrong answer.
 
 
 def _autocast_promoted(*tensors):
@@ -107,39 +110,82 @@ def _autocast_promoted(*tensors):
     return tuple(t.to(widest) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def _refuse_create_graph(name):
-    if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
-        raise RuntimeError(
-            f"fastelbo: double backward (differentiating the gradients of {name}, create_graph=True) is "
-            "not supported; use fastelbo.reference for higher-order gradients")
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient whose own backward raises. The tensors the gradient
+    depends on are inputs too, so the node lies on every path from the gradient back to them."""
 
-class ReparameterizeKL(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, name, *depends_on):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(
+            f"fastelbo: double backward (differentiating the gradients of {ctx.name}) is not "
+            "supported; use fastelbo.reference for higher-order gradients")
+
+
+def _first_order(name, grads, *depends_on):
+    """The gradients, routed through _RefuseDoubleBackward when the backward builds a graph."""
+    if not torch.is_grad_enabled():  # the usual backward: nothing will differentiate them
+        return grads
+    deps = [t for t in depends_on if isinstance(t, torch.Tensor)]
+    return tuple(g if g is None else _RefuseDoubleBackward.apply(g, name, *deps) for g in grads)
+
+
+class _ReparameterizeKLOutputs(torch.autograd.Function):
+    """The sample+KL op with all four of its outputs (z, kl, rng_state, kl_position_mean): in the
+    setup_context style, what backward needs from the forward must be an output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
+        return _ops.reparameterize_kl(mu, logvar, eps, generator, num_samples, reduction, free_bits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, logvar, eps, _generator, num_samples, reduction, free_bits = inputs
+        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
+        _z, _kl, rng_state, kl_position_mean = output
+        ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
+        ctx.num_samples, ctx.reduction, ctx.free_bits = num_samples, reduction, free_bits
+        ctx.mark_non_differentiable(rng_state, kl_position_mean)
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl, _grad_rng_state=None, _grad_position_mean=None):
+        if grad_z is None and grad_kl is None:
+            return (None,) * 7
+        mu, logvar, eps, rng_state, kl_position_mean = ctx.saved_tensors
+        grads = _ops.reparameterize_kl_backward(
+            grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
+            ctx.num_samples, ctx.reduction, ctx.free_bits)
+        grad_mu, grad_logvar = _first_order("ReparameterizeKL", grads, mu, logvar, grad_z, grad_kl)
+        return grad_mu, grad_logvar, None, None, None, None, None
+
+
+class ReparameterizeKL(_ReparameterizeKLOutputs):
     """z = mu + exp(logvar / 2) * eps and the reduced Gaussian KL, in one fused op.
 
     apply(mu, logvar, eps, generator, num_samples, reduction_code, free_bits) -> (z, kl), with the
     codes of REDUCTIONS. The backward regenerates eps from the (seed, offset) the forward used.
+    (apply hands back the first two outputs of _ReparameterizeKLOutputs, which is what autograd
+    and torch.func run, so that the transforms see the Function's own outputs.)
     """
 
-    @staticmethod
-    def forward(ctx, mu, logvar, eps, generator, num_samples, reduction, free_bits):
-        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
-        z, kl, rng_state, kl_position_mean = _ops.reparameterize_kl(
+    @classmethod
+    def apply(cls, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        z, kl, _rng_state, _kl_position_mean = _ReparameterizeKLOutputs.apply(
             mu, logvar, eps, generator, num_samples, reduction, free_bits)
-        ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
-        ctx.num_samples, ctx.reduction, ctx.free_bits = num_samples, reduction, free_bits
-        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
         return z, kl
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl):
-        _refuse_create_graph("ReparameterizeKL")
-        if grad_z is None and grad_kl is None:
-            return (None,) * 7
-        mu, logvar, eps, rng_state, kl_position_mean = ctx.saved_tensors
-        grad_mu, grad_logvar = _ops.reparameterize_kl_backward(
-            grad_z, grad_kl, mu, logvar, eps, rng_state, kl_position_mean,
-            ctx.num_samples, ctx.reduction, ctx.free_bits)
-        return grad_mu, grad_logvar, None, None, None, None, None
 
 
 class GaussianReconLoss(torch.autograd.Function):
@@ -148,19 +194,24 @@ class GaussianReconLoss(torch.autograd.Function):
     apply(x_hat, x, reduction_code) -> loss, with the codes of REDUCTIONS.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x_hat, x, reduction):
+    def forward(x_hat, x, reduction):
         x_hat, x = _autocast_promoted(x_hat, x)
         loss, _ = _ops.gaussian_recon_loss(x_hat, x, reduction, False)
-        ctx.save_for_backward(x_hat, x)
-        ctx.reduction = reduction
         return loss
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_hat, x, reduction = inputs
+        ctx.save_for_backward(*_autocast_promoted(x_hat, x))
+        ctx.reduction = reduction
+
+    @staticmethod
     def backward(ctx, grad_loss):
-        _refuse_create_graph("GaussianReconLoss")
         x_hat, x = ctx.saved_tensors
         need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x_hat, grad_x = _ops.gaussian_recon_loss_backward(
-            grad_loss, x_hat, x, ctx.reduction, need_x_hat, need_x)
+        grads = _ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, ctx.reduction, need_x_hat, need_x)
+        grad_x_hat, grad_x = _first_order("GaussianReconLoss", grads, x_hat, x, grad_loss)
         return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None

@@ -1,7 +1,8 @@
 """fastelbo.ops.ReparameterizeKL and GaussianReconLoss: the fused ops as torch.autograd.Function
 subclasses (DESIGN.md section 2). They must give exactly the values and gradients of the
-functional API (same kernels), on every device, pass gradcheck in float64, and refuse double
-backward (create_graph=True) with a clear error."""
+functional API (same kernels), on every device, pass gradcheck in float64, work under torch.func
+(grad, and vmap of grad: per-example gradients), and refuse double backward with a clear error
+when gradients are differentiated."""
 import pytest
 import torch
 
@@ -65,13 +66,45 @@ def test_gradcheck_float64(device):
 
 
 def test_double_backward_raises(device):
-    """Asking for a differentiable gradient (create_graph=True) raises, naming the problem, instead
-    of handing back gradients that a second differentiation would treat as constants."""
+    """A backward that builds a graph (create_graph=True) gives the exact gradients; differentiating
+    them raises, naming the problem, instead of treating them as constants."""
     mu, logvar = _leaf((3, 4), 1, device), _leaf((3, 4), 2, device)
     z, kl = ReparameterizeKL.apply(mu, logvar, None, None, 1, REDUCTIONS["sum"], 0.0)
+    (grad_mu,) = torch.autograd.grad(kl, mu, create_graph=True)
+    torch.testing.assert_close(grad_mu, mu.detach(), rtol=0, atol=0)  # d/dmu of sum(kl) = mu
     with pytest.raises(RuntimeError, match="double backward.*ReparameterizeKL"):
-        torch.autograd.grad(kl, mu, create_graph=True)
+        grad_mu.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward.*ReparameterizeKL"):
+        torch.autograd.grad(torch.autograd.grad(z.sum(), logvar, create_graph=True)[0].sum(), mu)
     x_hat, x = _leaf((3, 4), 3, device), _leaf((3, 4), 4, device)
     loss = GaussianReconLoss.apply(x_hat, x, REDUCTIONS["sum"])
+    (grad_x_hat,) = torch.autograd.grad(loss, x_hat, create_graph=True)
+    torch.testing.assert_close(grad_x_hat, (x_hat - x).detach(), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="double backward.*GaussianReconLoss"):
-        torch.autograd.grad(loss, x_hat, create_graph=True)
+        torch.autograd.grad(grad_x_hat.sum(), x)
+
+
+# vmap runs the ops through torch's per-example fallback, which warns that it is slow: expected here.
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_torch_func_grad_and_per_example_gradients(device):
+    """torch.func.grad and vmap(grad) (per-example gradients) through the Functions: the gradients
+    autograd gives, example by example; grad of grad raises the double-backward error."""
+    from torch.func import grad, vmap
+
+    code = REDUCTIONS["sum"]
+    x_hat, x = (_leaf((5, 7), seed, device).detach() for seed in (1, 2))
+    mu, logvar = (_leaf((5, 3), seed, device).detach() for seed in (3, 4))
+    eps = _leaf((5, 3), 5, device).detach()
+
+    def loss(xh, xv, m, lv, e):  # one example: add the batch dim of 1 the ops need
+        z, kl = ReparameterizeKL.apply(m[None], lv[None], e[None], None, 1, code, 0.0)
+        return GaussianReconLoss.apply(xh[None], xv[None], code) + kl + 0.5 * (z * z).sum()
+
+    per_example = vmap(grad(loss, argnums=(0, 2, 3)))(x_hat, x, mu, logvar, eps)
+    for i in range(5):
+        leaves = [t[i].clone().requires_grad_() for t in (x_hat, mu, logvar)]
+        want = torch.autograd.grad(loss(leaves[0], x[i], leaves[1], leaves[2], eps[i]), leaves)
+        for name, got, w in zip(("x_hat", "mu", "logvar"), per_example, want):
+            torch.testing.assert_close(got[i], w, rtol=1e-6, atol=1e-6, msg=lambda m: f"example {i}, {name}: {m}")
+    with pytest.raises(RuntimeError, match="double backward.*GaussianReconLoss"):
+        grad(lambda a: grad(lambda b: GaussianReconLoss.apply(b, x, code))(a).sum())(x_hat)
