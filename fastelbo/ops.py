@@ -98,8 +98,8 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
 
 def _autocast_promoted(*tensors):
     """Under torch.autocast for the tensors' device: the floating ones cast to the widest floating
-    dtype among them, as the compiled ops' autocast kernels do (csrc/autocast.cpp). Done here,
-    before the op, so that the tensors a Function saves for backward are the ones its forward used.
+    dtype among them, as the compiled ops' autocast kernels do (csrc/autocast.cpp). The Functions
+    do it before they apply, so that what they save for backward is what their forward used.
     Otherwise (and for None) the tensors as they are."""
     present = [t for t in tensors if t is not None and t.is_floating_point()]
     if not present or not torch.is_autocast_enabled(present[0].device.type):
@@ -139,7 +139,7 @@ def _first_order(name, grads, *depends_on):
     return tuple(g if g is None else _RefuseDoubleBackward.apply(g, name, *deps) for g in grads)
 
 
-class _ReparameterizeKLOutputs(torch.autograd.Function):
+class _ReparameterizeKLFunction(torch.autograd.Function):
     """The sample+KL op with all four of its outputs (z, kl, rng_state, kl_position_mean): in the
     setup_context style, what backward needs from the forward must be an output."""
 
@@ -147,13 +147,11 @@ class _ReparameterizeKLOutputs(torch.autograd.Function):
 
     @staticmethod
     def forward(mu, logvar, eps, generator, num_samples, reduction, free_bits):
-        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
         return _ops.reparameterize_kl(mu, logvar, eps, generator, num_samples, reduction, free_bits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         mu, logvar, eps, _generator, num_samples, reduction, free_bits = inputs
-        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
         _z, _kl, rng_state, kl_position_mean = output
         ctx.save_for_backward(mu, logvar, eps, rng_state, kl_position_mean)
         ctx.num_samples, ctx.reduction, ctx.free_bits = num_samples, reduction, free_bits
@@ -172,40 +170,20 @@ class _ReparameterizeKLOutputs(torch.autograd.Function):
         return grad_mu, grad_logvar, None, None, None, None, None
 
 
-class ReparameterizeKL(_ReparameterizeKLOutputs):
-    """z = mu + exp(logvar / 2) * eps and the reduced Gaussian KL, in one fused op.
-
-    apply(mu, logvar, eps, generator, num_samples, reduction_code, free_bits) -> (z, kl), with the
-    codes of REDUCTIONS. The backward regenerates eps from the (seed, offset) the forward used.
-    (apply hands back the first two outputs of _ReparameterizeKLOutputs, which is what autograd
-    and torch.func run, so that the transforms see the Function's own outputs.)
-    """
-
-    @classmethod
-    def apply(cls, mu, logvar, eps, generator, num_samples, reduction, free_bits):
-        z, kl, _rng_state, _kl_position_mean = _ReparameterizeKLOutputs.apply(
-            mu, logvar, eps, generator, num_samples, reduction, free_bits)
-        return z, kl
-
-
-class GaussianReconLoss(torch.autograd.Function):
-    """The reduced squared-error reconstruction loss 1/2 ||x_hat - x||^2, in one fused op.
-
-    apply(x_hat, x, reduction_code) -> loss, with the codes of REDUCTIONS.
-    """
+class _GaussianReconLossFunction(torch.autograd.Function):
+    """The reconstruction op's loss output with its backward."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x_hat, x, reduction):
-        x_hat, x = _autocast_promoted(x_hat, x)
         loss, _ = _ops.gaussian_recon_loss(x_hat, x, reduction, False)
         return loss
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x_hat, x, reduction = inputs
-        ctx.save_for_backward(*_autocast_promoted(x_hat, x))
+        ctx.save_for_backward(x_hat, x)
         ctx.reduction = reduction
 
     @staticmethod
@@ -215,3 +193,35 @@ class GaussianReconLoss(torch.autograd.Function):
         grads = _ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, ctx.reduction, need_x_hat, need_x)
         grad_x_hat, grad_x = _first_order("GaussianReconLoss", grads, x_hat, x, grad_loss)
         return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None
+
+
+# The public Functions. Their apply promotes mixed dtypes under autocast first (recorded by
+# autograd, as the compiled ops' autocast kernels do, so gradients come back in each input's dtype)
+# and then applies the Function above that they derive from: what autograd and torch.func run.
+
+
+class ReparameterizeKL(_ReparameterizeKLFunction):
+    """z = mu + exp(logvar / 2) * eps and the reduced Gaussian KL, in one fused op.
+
+    apply(mu, logvar, eps, generator, num_samples, reduction_code, free_bits) -> (z, kl), with the
+    codes of REDUCTIONS. The backward regenerates eps from the (seed, offset) the forward used.
+    """
+
+    @classmethod
+    def apply(cls, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
+        z, kl, _rng_state, _kl_position_mean = _ReparameterizeKLFunction.apply(
+            mu, logvar, eps, generator, num_samples, reduction, free_bits)
+        return z, kl
+
+
+class GaussianReconLoss(_GaussianReconLossFunction):
+    """The reduced squared-error reconstruction loss 1/2 ||x_hat - x||^2, in one fused op.
+
+    apply(x_hat, x, reduction_code) -> loss, with the codes of REDUCTIONS.
+    """
+
+    @classmethod
+    def apply(cls, x_hat, x, reduction):
+        x_hat, x = _autocast_promoted(x_hat, x)
+        return _GaussianReconLossFunction.apply(x_hat, x, reduction)
