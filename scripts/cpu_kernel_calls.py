@@ -30,23 +30,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=3000)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ops = torch.ops.fastelbo
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps} calls, us")
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} calls, us")
     with torch.no_grad():
         for shape in [(1, 16384), (8, 65536), (128, 784)]:
-            x_hat, x = torch.randn(shape), torch.randn(shape)
+            x_hat, x = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
             grad = torch.ones(())
             print(f"recon forward  {str(shape):12} {median_us(lambda: ops.gaussian_recon_loss(x_hat, x, BATCHMEAN, False), args.reps):9.1f}")
             print(f"recon backward {str(shape):12} {median_us(lambda: ops.gaussian_recon_loss_backward(grad, x_hat, x, BATCHMEAN, True, False), args.reps):9.1f}")
         for shape, name in [((128, 20), "batchmean"), ((8, 4096), "batchmean"), ((128, 20), "none"),
                             ((1024, 8), "none")]:
             code = fastelbo.ops.REDUCTIONS[name]
-            mu, logvar = torch.randn(shape), 0.1 * torch.randn(shape)
+            mu, logvar = torch.randn(shape).to(dtype), (0.1 * torch.randn(shape)).to(dtype)
             _, kl, rng_state, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
-            grad_z, grad_kl = torch.randn(shape), torch.ones(kl.shape)
+            grad_z, grad_kl = torch.randn(shape).to(dtype), torch.ones(kl.shape)
             forward = lambda: ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
             backward = lambda: ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng_state,
                                                                position_mean, 1, code, 0.0)

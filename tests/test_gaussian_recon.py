@@ -203,3 +203,34 @@ def test_loss_step_runs_no_fill_or_copy_over_the_data(device):
                                          for s in e.input_shapes if isinstance(s, list))]
     assert not big, f"x_hat-sized fills or copies in a loss step: {big}"
     assert x_hat.grad is not None and torch.isfinite(x_hat.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_16bit_gradients_are_the_float_values_rounded_once(device, dtype, x_grad):
+    """16-bit gradients are the float32 values grad_rec * (x_hat - x) rounded once to the dtype,
+    bit for bit, for every element wherever it sits in a block (1037 elements: partial vectors and
+    blocks), including differences that overflow the dtype, land among its subnormals or are NaN.
+    (The CPU kernels convert 16-bit data in bulk; this pins that conversion to IEEE rounding.)"""
+    g = torch.Generator().manual_seed(40)
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal
+    x_hat = torch.randn(1037, generator=g) * torch.tensor([1.0, 1e-3, 100.0]).repeat(346)[:1037]
+    x_hat[::97] = big  # x_hat - x overflows the dtype where x is negative
+    x_hat[5::89] = tiny * 0.75  # differences among the subnormals
+    x_hat[7] = float("nan")
+    x = torch.randn(1037, generator=g)
+    x[5::89] = tiny * 0.25
+    x[::97] = -big
+    x_hat = x_hat.to(device, dtype).reshape(1, 1037).requires_grad_()
+    x = x.to(device, dtype).reshape(1, 1037).requires_grad_(x_grad)
+    loss = fastelbo.gaussian_recon_loss(x_hat, x, reduction="sum")
+    grads = torch.autograd.grad(loss * 0.75, (x_hat, x) if x_grad else (x_hat,))
+    diff = x_hat.detach().float() - x.detach().float()
+    want = (0.75 * diff).to(dtype)
+    got = grads[0]
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert same.all(), f"{(~same).sum().item()} elements differ, first at {(~same).nonzero()[0].tolist()}"
+    assert got.isinf().any() and ((got != 0) & (got.abs() < torch.finfo(dtype).smallest_normal)).any()
+    if x_grad:
+        assert (grads[1] == -want).logical_or(want.isnan() & grads[1].isnan()).all()

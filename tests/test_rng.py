@@ -311,7 +311,8 @@ def test_short_samples_over_several_tasks(device, restore_num_threads, reduction
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
 def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype):
     """z and the per-element gradients of one draw are bit-identical whatever the reduction (the
     CPU kernels cut the work per sample for "none" and free bits, per tensor otherwise) and however

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../fastelbo.h"
@@ -31,6 +32,47 @@ void posterior_std_block(const double* logvar, int64_t n, double* std);
 // one draw stream.
 void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, float* out);
 void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, double* out);
+
+// Bulk conversions between the 16-bit floating types and float (convert.cpp): F16C for half where
+// the processor has it, vectorized integer loops for bfloat16. The same bits as static_cast for
+// every non-NaN value, whatever the element's position in the block.
+void to_float(const at::Half* in, int64_t n, float* out);
+void to_float(const at::BFloat16* in, int64_t n, float* out);
+void from_float(const float* in, int64_t n, at::Half* out);
+void from_float(const float* in, int64_t n, at::BFloat16* out);
+
+// n elements of any supported dtype converted to acc_t (a plain copy when they are acc_t already),
+// and back. The kernels stage 16-bit data through these a block at a time.
+template <typename scalar_t, typename acc_t>
+inline void load_block(const scalar_t* in, int64_t n, acc_t* out) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    static_assert(std::is_same_v<acc_t, float>, "16-bit types compute in float");
+    to_float(in, n, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(in[i]);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_block(const acc_t* in, int64_t n, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    static_assert(std::is_same_v<acc_t, float>, "16-bit types compute in float");
+    from_float(in, n, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
+  }
+}
+
+// The n values at `in` as acc_t: `in` itself when it holds acc_t, else converted into `buffer`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* in, int64_t n, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return in;
+  } else {
+    load_block(in, n, buffer);
+    return buffer;
+  }
+}
 
 // The normals of one draw stream, read by ascending index below `end`: generated kGroups Philox
 // groups at a time (vectorized) and looked up by index.
@@ -74,7 +116,7 @@ class NormalBlock {
 template <typename scalar_t, typename acc_t>
 void take_eps(const scalar_t* given, NormalBlock<acc_t>& normal, int64_t first, int64_t n, acc_t* out) {
   if (given) {
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(given[first + j]);
+    load_block(given + first, n, out);
   } else {
     normal.take(first, n, out);
   }

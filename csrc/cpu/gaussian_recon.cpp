@@ -38,73 +38,121 @@ struct LaneVectors {
   static constexpr int kVectors = kLanes / kPerVector;
   static_assert(kVectors * kPerVector == kLanes, "kLanes must fill whole vectors");
 
-  // The kPerVector elements at p, converted to acc_t.
-  template <typename scalar_t>
-  static Vector load(const scalar_t* p) {
+  static Vector load(const acc_t* p) {
     Vector v;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      std::memcpy(&v, p, sizeof(Vector));  // one unaligned vector load
-    } else {
-      for (int e = 0; e < kPerVector; ++e) v[e] = static_cast<acc_t>(p[e]);
-    }
+    std::memcpy(&v, p, sizeof(Vector));  // one unaligned vector load
     return v;
   }
-
-  template <typename scalar_t>
-  static void store(const Vector& v, scalar_t* p) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      std::memcpy(p, &v, sizeof(Vector));
-    } else {
-      for (int e = 0; e < kPerVector; ++e) p[e] = static_cast<scalar_t>(v[e]);
-    }
-  }
+  static void store(const Vector& v, acc_t* p) { std::memcpy(p, &v, sizeof(Vector)); }
 };
 
-template <bool kSaveGradUnit, typename scalar_t, typename acc_t>
-acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
-                      scalar_t* grad_unit, acc_t grad_scale) {
+// The loss of the n <= kBlock elements at x_hat, x (already acc_t) summed in the kLanes lanes, the
+// lanes then added in order; writes grad_scale * (x_hat - x) to grad when kSaveGradUnit.
+template <bool kSaveGradUnit, typename acc_t>
+__attribute__((always_inline)) inline acc_t recon_block_sum(const acc_t* x_hat, const acc_t* x, int64_t n, acc_t* grad, acc_t grad_scale) {
   using LV = LaneVectors<acc_t>;
   using Vector = typename LV::Vector;
   constexpr int kPerVector = LV::kPerVector, kVectors = LV::kVectors;
   const Vector grad_scale_vector = Vector{} + grad_scale;
-  CascadeSum<acc_t> total;
-  for (int64_t i = begin; i < end;) {
-    const int64_t block_end = std::min(end, i + kBlock);
-    Vector lanes[kVectors] = {};
-    for (; i + kLanes <= block_end; i += kLanes) {
+  Vector lanes[kVectors] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
 #pragma GCC unroll 4
-      for (int k = 0; k < kVectors; ++k) {
-        const int64_t at = i + k * kPerVector;
-        const Vector xh = LV::load(x_hat + at), xv = LV::load(x + at);
-        lanes[k] += math::recon_element(xh, xv);
-        if constexpr (kSaveGradUnit) LV::store(math::grad_x_hat_element(xh, xv, grad_scale_vector), grad_unit + at);
-      }
-    }
-    if (i < block_end) {  // the last (< kLanes) elements: lane l takes element i + l
-      // Zero-padded copies: a padded lane adds recon_element(0, 0) = +0, which leaves it as is.
-      acc_t tail_xh[kLanes] = {}, tail_xv[kLanes] = {};
-      for (int l = 0; i + l < block_end; ++l) {
-        tail_xh[l] = static_cast<acc_t>(x_hat[i + l]);
-        tail_xv[l] = static_cast<acc_t>(x[i + l]);
-      }
-#pragma GCC unroll 4
-      for (int k = 0; k < kVectors; ++k) {
-        lanes[k] += math::recon_element(LV::load(tail_xh + k * kPerVector), LV::load(tail_xv + k * kPerVector));
-      }
-      if constexpr (kSaveGradUnit) {
-        for (int l = 0; i < block_end; ++i, ++l) {
-          grad_unit[i] = static_cast<scalar_t>(math::grad_x_hat_element(tail_xh[l], tail_xv[l], grad_scale));
-        }
-      }
-      i = block_end;
-    }
-    acc_t block = 0;
     for (int k = 0; k < kVectors; ++k) {
-      for (int e = 0; e < kPerVector; ++e) block += lanes[k][e];  // lanes 0, 1, ..., kLanes - 1
+      const int64_t at = i + k * kPerVector;
+      const Vector xh = LV::load(x_hat + at), xv = LV::load(x + at);
+      lanes[k] += math::recon_element(xh, xv);
+      if constexpr (kSaveGradUnit) LV::store(math::grad_x_hat_element(xh, xv, grad_scale_vector), grad + at);
     }
-    total.add(block);
+  }
+  if (i < n) {  // the last (< kLanes) elements: lane l takes element i + l
+    // Zero-padded copies: a padded lane adds recon_element(0, 0) = +0, which leaves it as is.
+    acc_t tail_xh[kLanes] = {}, tail_xv[kLanes] = {};
+    std::copy(x_hat + i, x_hat + n, tail_xh);
+    std::copy(x + i, x + n, tail_xv);
+#pragma GCC unroll 4
+    for (int k = 0; k < kVectors; ++k) {
+      lanes[k] += math::recon_element(LV::load(tail_xh + k * kPerVector), LV::load(tail_xv + k * kPerVector));
+    }
+    if constexpr (kSaveGradUnit) {
+      for (int l = 0; i < n; ++i, ++l) grad[i] = math::grad_x_hat_element(tail_xh[l], tail_xv[l], grad_scale);
+    }
+  }
+  acc_t block = 0;
+  for (int k = 0; k < kVectors; ++k) {
+    for (int e = 0; e < kPerVector; ++e) block += lanes[k][e];  // lanes 0, 1, ..., kLanes - 1
+  }
+  return block;
+}
+
+// The loss of elements [begin, end): block sums cascaded (CascadeSum). 16-bit data is converted a
+// block at a time (load_block / store_block) and computed in float.
+template <bool kSaveGradUnit, typename scalar_t, typename acc_t>
+acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
+                      scalar_t* grad_unit, acc_t grad_scale) {
+  CascadeSum<acc_t> total;
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      total.add(recon_block_sum<kSaveGradUnit>(x_hat + i, x + i, n, grad_unit + i, grad_scale));
+    } else {
+      acc_t xh[kBlock], xv[kBlock], grad[kBlock];
+      load_block(x_hat + i, n, xh);
+      load_block(x + i, n, xv);
+      total.add(recon_block_sum<kSaveGradUnit>(xh, xv, n, grad, grad_scale));
+      if constexpr (kSaveGradUnit) store_block(grad, n, grad_unit + i);
+    }
   }
   return total.sum();
+}
+
+// grad_x_hat and/or grad_x of n elements already in acc_t: one loop per combination, over
+// pointers that do not alias (outputs are fresh tensors), so that it vectorizes plainly.
+template <bool kGradXHat, bool kGradX, typename acc_t>
+__attribute__((always_inline)) inline void recon_backward_loop(const acc_t* __restrict__ x_hat, const acc_t* __restrict__ x,
+                                                               int64_t n, acc_t grad_rec, acc_t* __restrict__ grad_x_hat,
+                                                               acc_t* __restrict__ grad_x) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t grad = math::grad_x_hat_element(x_hat[i], x[i], grad_rec);
+    if constexpr (kGradXHat) grad_x_hat[i] = grad;
+    if constexpr (kGradX) grad_x[i] = -grad;
+  }
+}
+
+template <typename acc_t>
+inline void recon_backward_loop(const acc_t* x_hat, const acc_t* x, int64_t n, acc_t grad_rec, acc_t* grad_x_hat,
+                                acc_t* grad_x) {
+  if (grad_x_hat && grad_x) {
+    recon_backward_loop<true, true>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
+  } else if (grad_x_hat) {
+    recon_backward_loop<true, false>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
+  } else if (grad_x) {
+    recon_backward_loop<false, true>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
+  }
+}
+
+// grad_x_hat = grad_rec * (x_hat - x) and grad_x = -grad_x_hat for elements [begin, end), each
+// written where its pointer is not null. 16-bit data is converted a block at a time.
+template <typename scalar_t, typename acc_t>
+void recon_backward_range(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, acc_t grad_rec,
+                          scalar_t* grad_x_hat, scalar_t* grad_x) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    recon_backward_loop(x_hat + begin, x + begin, end - begin, grad_rec, grad_x_hat ? grad_x_hat + begin : nullptr,
+                        grad_x ? grad_x + begin : nullptr);
+  } else {
+    for (int64_t i = begin; i < end; i += kBlock) {
+      const int64_t n = std::min(kBlock, end - i);
+      acc_t xh[kBlock], xv[kBlock], grad[kBlock];
+      load_block(x_hat + i, n, xh);
+      load_block(x + i, n, xv);
+      for (int64_t j = 0; j < n; ++j) grad[j] = math::grad_x_hat_element(xh[j], xv[j], grad_rec);
+      if (grad_x_hat) store_block(grad, n, grad_x_hat + i);
+      if (grad_x) {
+        for (int64_t j = 0; j < n; ++j) grad[j] = -grad[j];
+        store_block(grad, n, grad_x + i);
+      }
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_hat,
@@ -162,11 +210,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     chunking.for_each_task([&](int64_t task) {
       for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
         const acc_t grad_rec = g[reduction == kNone ? chunking.row_of_piece(p) : 0] * static_cast<acc_t>(scale);
-        for (int64_t i = chunking.piece_begin(p), end = chunking.piece_end(p); i < end; ++i) {
-          const acc_t grad = math::grad_x_hat_element(static_cast<acc_t>(xh[i]), static_cast<acc_t>(xv[i]), grad_rec);
-          if (gxh) gxh[i] = static_cast<scalar_t>(grad);
-          if (gx) gx[i] = static_cast<scalar_t>(-grad);
-        }
+        recon_backward_range(xh, xv, chunking.piece_begin(p), chunking.piece_end(p), grad_rec, gxh, gx);
       }
     });
   });

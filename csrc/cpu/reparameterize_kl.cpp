@@ -65,16 +65,25 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, int
     for (int64_t first = begin, n = 0; first < end; first += n) {
       n = sub_block_length(first, end, cut);
       acc_t logvar[kSubBlock], std[kSubBlock];
-      for (int64_t j = 0; j < n; ++j) logvar[j] = static_cast<acc_t>(a.logvar[first + j]);
+      load_block(a.logvar + first, n, logvar);
       posterior_std_block(logvar, n, std);
       acc_t e[kSubBlock], kl[kSubBlock];
       take_eps(eps, normal, first, n, e);
-      // No calls and no branches that cannot become selects: this loop vectorizes.
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = first + j;
-        const acc_t mu = static_cast<acc_t>(a.mu[i]);
-        z[i] = static_cast<scalar_t>(math::reparameterized_sample(mu, std[j], e[j]));
-        kl[j] = math::kl_element(mu, logvar[j], std[j]);
+      // No calls and no branches that cannot become selects: these loops vectorize.
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = first + j;
+          z[i] = math::reparameterized_sample(a.mu[i], std[j], e[j]);
+          kl[j] = math::kl_element(a.mu[i], logvar[j], std[j]);
+        }
+      } else {  // 16-bit data: mu converted and z stored a sub-block at a time
+        acc_t mu[kSubBlock], z_block[kSubBlock];
+        load_block(a.mu + first, n, mu);
+        for (int64_t j = 0; j < n; ++j) {
+          z_block[j] = math::reparameterized_sample(mu[j], std[j], e[j]);
+          kl[j] = math::kl_element(mu[j], logvar[j], std[j]);
+        }
+        store_block(z_block, n, z + first);
       }
       if (k == 0) kl_sink(first, kl, n);
     }
@@ -209,7 +218,7 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       const acc_t grad_kl_row =
           grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
       acc_t lv[kSubBlock], std[kSubBlock];
-      for (int64_t j = 0; j < n; ++j) lv[j] = static_cast<acc_t>(logvar[first + j]);
+      load_block(logvar + first, n, lv);
       posterior_std_block(lv, n, std);
       // Sums over the draws of g and g * eps, draw by draw (the same order as one element at a
       // time), in loops without calls so that they vectorize.
@@ -218,10 +227,11 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
         for (int64_t k = 0; k < num_samples; ++k) {
           acc_t e[kSubBlock];
           take_eps(eps ? eps + k * N : nullptr, normals[k], first, n, e);
-          const scalar_t* g = grad_z + k * N + first;
+          acc_t g_block[kSubBlock];
+          const acc_t* g = as_acc(grad_z + k * N + first, n, g_block);
           for (int64_t j = 0; j < n; ++j) {
-            grad_z_sum[j] += static_cast<acc_t>(g[j]);
-            grad_z_eps_sum[j] += static_cast<acc_t>(g[j]) * e[j];
+            grad_z_sum[j] += g[j];
+            grad_z_eps_sum[j] += g[j] * e[j];
           }
         }
       }
@@ -232,10 +242,21 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
           if (position_mean[first + j - b * D] < free_bits) grad_kl_j[j] = 0;
         }
       }
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = first + j;
-        grad_mu[i] = static_cast<scalar_t>(math::grad_mu_element(static_cast<acc_t>(mu[i]), grad_z_sum[j], grad_kl_j[j]));
-        grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]));
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = first + j;
+          grad_mu[i] = math::grad_mu_element(mu[i], grad_z_sum[j], grad_kl_j[j]);
+          grad_logvar[i] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
+        }
+      } else {  // 16-bit data: converted a sub-block at a time
+        acc_t mu_block[kSubBlock], grad_mu_block[kSubBlock], grad_logvar_block[kSubBlock];
+        load_block(mu + first, n, mu_block);
+        for (int64_t j = 0; j < n; ++j) {
+          grad_mu_block[j] = math::grad_mu_element(mu_block[j], grad_z_sum[j], grad_kl_j[j]);
+          grad_logvar_block[j] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
+        }
+        store_block(grad_mu_block, n, grad_mu + first);
+        store_block(grad_logvar_block, n, grad_logvar + first);
       }
     }
   });
