@@ -153,10 +153,10 @@ fi
 # pytest-xdist, where installed, spreads the tests over 8 processes (they share the one GPU).
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2> /dev/null && PARALLEL=(-n 8)
-run_step cuda-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests/test_cuda.py \
-  -m "not slow" "${CLUSTER_TESTS_OFF[@]}" --junitxml="$LOGS/cuda-tests.xml"
+run_step cuda-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} tests/test_cuda.py \
+  -m "not slow" ${CLUSTER_TESTS_OFF[@]+"${CLUSTER_TESTS_OFF[@]}"} --junitxml="$LOGS/cuda-tests.xml"
 # The CUDA twins of every other test (the `device` fixture's "cuda" parameter).
-run_step core-cuda 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" tests -m "cuda and not slow" \
+run_step core-cuda 180 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} tests -m "cuda and not slow" \
   --ignore=tests/test_cuda.py --junitxml="$LOGS/core-cuda.xml"
 
 # ---- benchmark ------------------------------------------------------------------------------------
