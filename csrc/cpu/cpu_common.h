@@ -41,37 +41,49 @@ void to_float(const at::BFloat16* in, int64_t n, float* out);
 void from_float(const float* in, int64_t n, at::Half* out);
 void from_float(const float* in, int64_t n, at::BFloat16* out);
 
-// n elements of any supported dtype converted to acc_t (a plain copy when they are acc_t already),
-// and back. The kernels stage 16-bit data through these a block at a time.
-template <typename scalar_t, typename acc_t>
-inline void load_block(const scalar_t* in, int64_t n, acc_t* out) {
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    static_assert(std::is_same_v<acc_t, float>, "16-bit types compute in float");
-    to_float(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(in[i]);
-  }
-}
+template <typename T>
+constexpr bool kIs16Bit = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
-template <typename acc_t, typename scalar_t>
-inline void store_block(const acc_t* in, int64_t n, scalar_t* out) {
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    static_assert(std::is_same_v<acc_t, float>, "16-bit types compute in float");
+// n elements converted from one supported dtype to another: in bulk between a 16-bit type and
+// float (to_float / from_float), element by element otherwise.
+template <typename From, typename To>
+inline void convert_block(const From* in, int64_t n, To* out) {
+  if constexpr (kIs16Bit<From>) {
+    to_float(in, n, out);
+  } else if constexpr (kIs16Bit<To>) {
     from_float(in, n, out);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
   }
 }
 
-// The n values at `in` as acc_t: `in` itself when it holds acc_t, else converted into `buffer`.
+// How the kernels stage data whose dtype is not acc_t (16-bit types, computed in float) a block at
+// a time, and touch acc_t data in place:
+//   as_acc(in, n, buffer)   the n input values as acc_t: `in` itself, or converted into `buffer`;
+//   acc_out(out, buffer)    where to compute results bound for `out`: `out` itself, or `buffer`;
+//   store_acc(res, n, out)  then moves n results computed there into `out` (nothing in place).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* in, int64_t n, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return in;
   } else {
-    load_block(in, n, buffer);
+    convert_block(in, n, buffer);
     return buffer;
   }
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t* acc_out(scalar_t* out, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return out;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_acc(const acc_t* results, int64_t n, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) convert_block(results, n, out);
 }
 
 // The normals of one draw stream, read by ascending index below `end`: generated kGroups Philox
@@ -116,7 +128,7 @@ class NormalBlock {
 template <typename scalar_t, typename acc_t>
 void take_eps(const scalar_t* given, NormalBlock<acc_t>& normal, int64_t first, int64_t n, acc_t* out) {
   if (given) {
-    load_block(given + first, n, out);
+    convert_block(given + first, n, out);
   } else {
     normal.take(first, n, out);
   }

@@ -86,28 +86,25 @@ __attribute__((always_inline)) inline acc_t recon_block_sum(const acc_t* x_hat, 
 }
 
 // The loss of elements [begin, end): block sums cascaded (CascadeSum). 16-bit data is converted a
-// block at a time (load_block / store_block) and computed in float.
+// block at a time (as_acc / acc_out / store_acc) and computed in float.
 template <bool kSaveGradUnit, typename scalar_t, typename acc_t>
 acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end,
                       scalar_t* grad_unit, acc_t grad_scale) {
   CascadeSum<acc_t> total;
   for (int64_t i = begin; i < end; i += kBlock) {
     const int64_t n = std::min(kBlock, end - i);
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      total.add(recon_block_sum<kSaveGradUnit>(x_hat + i, x + i, n, grad_unit + i, grad_scale));
-    } else {
-      acc_t xh[kBlock], xv[kBlock], grad[kBlock];
-      load_block(x_hat + i, n, xh);
-      load_block(x + i, n, xv);
-      total.add(recon_block_sum<kSaveGradUnit>(xh, xv, n, grad, grad_scale));
-      if constexpr (kSaveGradUnit) store_block(grad, n, grad_unit + i);
-    }
+    acc_t xh_block[kBlock], xv_block[kBlock], grad_block[kBlock];
+    acc_t* grad = kSaveGradUnit ? acc_out(grad_unit + i, grad_block) : nullptr;
+    total.add(recon_block_sum<kSaveGradUnit>(as_acc(x_hat + i, n, xh_block), as_acc(x + i, n, xv_block), n, grad,
+                                             grad_scale));
+    if constexpr (kSaveGradUnit) store_acc(grad, n, grad_unit + i);
   }
   return total.sum();
 }
 
-// grad_x_hat and/or grad_x of n elements already in acc_t: one loop per combination, over
-// pointers that do not alias (outputs are fresh tensors), so that it vectorizes plainly.
+// grad_x_hat = grad_rec * (x_hat - x) and/or grad_x = -grad_x_hat for n elements in acc_t: one
+// loop per combination, over pointers that do not alias (outputs are fresh tensors), so that it
+// vectorizes plainly.
 template <bool kGradXHat, bool kGradX, typename acc_t>
 __attribute__((always_inline)) inline void recon_backward_loop(const acc_t* __restrict__ x_hat, const acc_t* __restrict__ x,
                                                                int64_t n, acc_t grad_rec, acc_t* __restrict__ grad_x_hat,
@@ -119,39 +116,27 @@ __attribute__((always_inline)) inline void recon_backward_loop(const acc_t* __re
   }
 }
 
-template <typename acc_t>
-inline void recon_backward_loop(const acc_t* x_hat, const acc_t* x, int64_t n, acc_t grad_rec, acc_t* grad_x_hat,
-                                acc_t* grad_x) {
-  if (grad_x_hat && grad_x) {
-    recon_backward_loop<true, true>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
-  } else if (grad_x_hat) {
-    recon_backward_loop<true, false>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
-  } else if (grad_x) {
-    recon_backward_loop<false, true>(x_hat, x, n, grad_rec, grad_x_hat, grad_x);
-  }
-}
-
-// grad_x_hat = grad_rec * (x_hat - x) and grad_x = -grad_x_hat for elements [begin, end), each
-// written where its pointer is not null. 16-bit data is converted a block at a time.
+// The same for elements [begin, end) of any dtype, each gradient written where its pointer is not
+// null, a block at a time.
 template <typename scalar_t, typename acc_t>
 void recon_backward_range(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, acc_t grad_rec,
                           scalar_t* grad_x_hat, scalar_t* grad_x) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    recon_backward_loop(x_hat + begin, x + begin, end - begin, grad_rec, grad_x_hat ? grad_x_hat + begin : nullptr,
-                        grad_x ? grad_x + begin : nullptr);
-  } else {
-    for (int64_t i = begin; i < end; i += kBlock) {
-      const int64_t n = std::min(kBlock, end - i);
-      acc_t xh[kBlock], xv[kBlock], grad[kBlock];
-      load_block(x_hat + i, n, xh);
-      load_block(x + i, n, xv);
-      for (int64_t j = 0; j < n; ++j) grad[j] = math::grad_x_hat_element(xh[j], xv[j], grad_rec);
-      if (grad_x_hat) store_block(grad, n, grad_x_hat + i);
-      if (grad_x) {
-        for (int64_t j = 0; j < n; ++j) grad[j] = -grad[j];
-        store_block(grad, n, grad_x + i);
-      }
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    acc_t xh_block[kBlock], xv_block[kBlock], gxh_block[kBlock], gx_block[kBlock];
+    const acc_t* xh = as_acc(x_hat + i, n, xh_block);
+    const acc_t* xv = as_acc(x + i, n, xv_block);
+    acc_t* gxh = grad_x_hat ? acc_out(grad_x_hat + i, gxh_block) : nullptr;
+    acc_t* gx = grad_x ? acc_out(grad_x + i, gx_block) : nullptr;
+    if (gxh && gx) {
+      recon_backward_loop<true, true>(xh, xv, n, grad_rec, gxh, gx);
+    } else if (gxh) {
+      recon_backward_loop<true, false>(xh, xv, n, grad_rec, gxh, gx);
+    } else if (gx) {
+      recon_backward_loop<false, true>(xh, xv, n, grad_rec, gxh, gx);
     }
+    if (gxh) store_acc(gxh, n, grad_x_hat + i);
+    if (gx) store_acc(gx, n, grad_x + i);
   }
 }
 

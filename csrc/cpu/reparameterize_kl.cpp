@@ -64,27 +64,20 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, int
     const scalar_t* eps = a.eps ? a.eps + k * a.numel : nullptr;
     for (int64_t first = begin, n = 0; first < end; first += n) {
       n = sub_block_length(first, end, cut);
-      acc_t logvar[kSubBlock], std[kSubBlock];
-      load_block(a.logvar + first, n, logvar);
+      // 16-bit data is converted a sub-block at a time (as_acc / acc_out / store_acc).
+      acc_t logvar_block[kSubBlock], mu_block[kSubBlock], z_block[kSubBlock], std[kSubBlock];
+      const acc_t* logvar = as_acc(a.logvar + first, n, logvar_block);
+      const acc_t* mu = as_acc(a.mu + first, n, mu_block);
+      acc_t* z_out = acc_out(z + first, z_block);
       posterior_std_block(logvar, n, std);
       acc_t e[kSubBlock], kl[kSubBlock];
       take_eps(eps, normal, first, n, e);
-      // No calls and no branches that cannot become selects: these loops vectorize.
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = first + j;
-          z[i] = math::reparameterized_sample(a.mu[i], std[j], e[j]);
-          kl[j] = math::kl_element(a.mu[i], logvar[j], std[j]);
-        }
-      } else {  // 16-bit data: mu converted and z stored a sub-block at a time
-        acc_t mu[kSubBlock], z_block[kSubBlock];
-        load_block(a.mu + first, n, mu);
-        for (int64_t j = 0; j < n; ++j) {
-          z_block[j] = math::reparameterized_sample(mu[j], std[j], e[j]);
-          kl[j] = math::kl_element(mu[j], logvar[j], std[j]);
-        }
-        store_block(z_block, n, z + first);
+      // No calls and no branches that cannot become selects: this loop vectorizes.
+      for (int64_t j = 0; j < n; ++j) {
+        z_out[j] = math::reparameterized_sample(mu[j], std[j], e[j]);
+        kl[j] = math::kl_element(mu[j], logvar[j], std[j]);
       }
+      store_acc(z_out, n, z + first);
       if (k == 0) kl_sink(first, kl, n);
     }
   }
@@ -217,8 +210,8 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       const int64_t b = first / D;
       const acc_t grad_kl_row =
           grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
-      acc_t lv[kSubBlock], std[kSubBlock];
-      load_block(logvar + first, n, lv);
+      acc_t lv_block[kSubBlock], std[kSubBlock];
+      const acc_t* lv = as_acc(logvar + first, n, lv_block);
       posterior_std_block(lv, n, std);
       // Sums over the draws of g and g * eps, draw by draw (the same order as one element at a
       // time), in loops without calls so that they vectorize.
@@ -242,22 +235,16 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
           if (position_mean[first + j - b * D] < free_bits) grad_kl_j[j] = 0;
         }
       }
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = first + j;
-          grad_mu[i] = math::grad_mu_element(mu[i], grad_z_sum[j], grad_kl_j[j]);
-          grad_logvar[i] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
-        }
-      } else {  // 16-bit data: converted a sub-block at a time
-        acc_t mu_block[kSubBlock], grad_mu_block[kSubBlock], grad_logvar_block[kSubBlock];
-        load_block(mu + first, n, mu_block);
-        for (int64_t j = 0; j < n; ++j) {
-          grad_mu_block[j] = math::grad_mu_element(mu_block[j], grad_z_sum[j], grad_kl_j[j]);
-          grad_logvar_block[j] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
-        }
-        store_block(grad_mu_block, n, grad_mu + first);
-        store_block(grad_logvar_block, n, grad_logvar + first);
+      acc_t mu_block[kSubBlock], grad_mu_block[kSubBlock], grad_logvar_block[kSubBlock];
+      const acc_t* m = as_acc(mu + first, n, mu_block);
+      acc_t* g_mu = acc_out(grad_mu + first, grad_mu_block);
+      acc_t* g_logvar = acc_out(grad_logvar + first, grad_logvar_block);
+      for (int64_t j = 0; j < n; ++j) {
+        g_mu[j] = math::grad_mu_element(m[j], grad_z_sum[j], grad_kl_j[j]);
+        g_logvar[j] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
       }
+      store_acc(g_mu, n, grad_mu + first);
+      store_acc(g_logvar, n, grad_logvar + first);
     }
   });
 }
