@@ -106,38 +106,24 @@ __attribute__((target("avx2"))) void float_to_bfloat16_avx2(const float* in, int
   }
 }
 
+// The vectorized conversion where the processor has its instructions, else c10's per element.
+template <typename From, typename To>
+void convert(bool vectorized_available, void (*vectorized)(const From*, int64_t, To*), const From* in, int64_t n,
+             To* out) {
+  if (vectorized_available) {
+    vectorized(in, n, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
+  }
+}
+
 }  // namespace
 
-void to_float(const at::Half* in, int64_t n, float* out) {
-  if (use_f16c()) {
-    half_to_float_f16c(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
-  }
-}
-
-void from_float(const float* in, int64_t n, at::Half* out) {
-  if (use_f16c()) {
-    float_to_half_f16c(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<at::Half>(in[i]);
-  }
-}
-
-void to_float(const at::BFloat16* in, int64_t n, float* out) {
-  if (use_avx2()) {
-    bfloat16_to_float_avx2(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
-  }
-}
-
+void to_float(const at::Half* in, int64_t n, float* out) { convert(use_f16c(), &half_to_float_f16c, in, n, out); }
+void from_float(const float* in, int64_t n, at::Half* out) { convert(use_f16c(), &float_to_half_f16c, in, n, out); }
+void to_float(const at::BFloat16* in, int64_t n, float* out) { convert(use_avx2(), &bfloat16_to_float_avx2, in, n, out); }
 void from_float(const float* in, int64_t n, at::BFloat16* out) {
-  if (use_avx2()) {
-    float_to_bfloat16_avx2(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<at::BFloat16>(in[i]);
-  }
+  convert(use_avx2(), &float_to_bfloat16_avx2, in, n, out);
 }
 
 }  // namespace cpu
