@@ -319,16 +319,23 @@ def short_kernel_name(name):
     return match.group(0) if match else name[:40]
 
 
+def load_json(path, label):
+    """The JSON a bench step wrote, or None (and a line saying why) when it wrote none."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        print(f"{label}: no results ({error})")
+        return None
+
+
 def kernel_breakdown(row):
     """'recon_forward_flat_kernel 3.5, ...': the row's kernel time per step by kernel."""
     return ", ".join(f"{short_kernel_name(name)} {us:.1f}" for name, us in (row.get("kernel_time_us_by_name") or {}).items())
 
 
-try:
-    with open(sys.argv[1]) as f:
-        data = json.load(f)
-except (OSError, ValueError) as error:
-    print(f"bench: no results ({error})")
+data = load_json(sys.argv[1], "bench")
+if data is None:
     sys.exit(0)
 copy = data["meta"].get("copy_bandwidth", {}).get("cuda", {}).get("GBps") or float("nan")
 print(f"bench (fwd+bwd, GPU {data['meta']['machine'].get('gpu')}, copy {copy:.0f} GB/s): kernel us = summed "
@@ -360,11 +367,8 @@ for r in rows:
         print(f"  {r['size']:<11} {r['dtype']:<5} {kernel_breakdown(r)}")
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
-try:
-    with open(sys.argv[2]) as f:
-        ticket = json.load(f)
-except (OSError, ValueError) as error:
-    print(f"bench-ticket: no results ({error})")
+ticket = load_json(sys.argv[2], "bench-ticket")
+if ticket is None:
     sys.exit(0)
 try:
     import torch
