@@ -7,7 +7,8 @@
   stride-0 incoming gradients and odd sizes;
 - a captured CUDA graph of a whole forward+backward step replays like eager after re-seeding,
   and its replays draw anew;
-- bit-identical results over repeated runs (deterministic in-kernel reductions);
+- bit-identical results over repeated runs (deterministic in-kernel reductions), also for
+  per-sample sums cut into many tiles;
 - every output element written (outputs land in memory poisoned with NaN);
 - concurrent launches on two streams (separate reduction tickets);
 - small grids: sm_90 gets the thread-block-cluster reduction, which gives the bits of the ticket
@@ -214,6 +215,30 @@ def test_gaussian_recon_cuda_matches_cpu(shape, reduction, dtype, aligned, save_
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert_agree(a, b, name)
 
+
+
+# reduction="none" with few samples cuts each sample into tiles; the last block adds each sample's
+# tile sums with a group of 32, 16, 8, 4, 2 or 1 threads per sample, depending on the batch
+# (finish_rows in csrc/cuda/cuda_common.cuh). One shape per group size, each with several tiles.
+MANY_TILES_SHAPES = [(1, 2**20), (6, 9000), (12, 5000), (24, 4000), (40, 3000), (100, 2000), (500, 1100)]
+
+
+@pytest.mark.parametrize("shape", MANY_TILES_SHAPES, ids=["x".join(map(str, s)) for s in MANY_TILES_SHAPES])
+def test_per_sample_sums_over_many_tiles(shape):
+    """The per-sample KL and reconstruction losses of both rows kernels agree with the CPU's, for
+    every size of the thread group that adds a sample's tiles, and repeat bit for bit."""
+    mu, logvar, eps = randn(shape, seed=1), randn(shape, seed=2, scale=0.7), randn(shape, seed=3)
+    x_hat, x = randn(shape, seed=4), randn(shape, seed=5)
+    results = {}
+    for device in ("cpu", "cuda", "cuda"):
+        m, lv, e, xh, xv = (t.to(device) for t in (mu, logvar, eps, x_hat, x))
+        kl = ops.reparameterize_kl(m, lv, e, None, 1, RED["none"], 0.0)[1]
+        rec = ops.gaussian_recon_loss(xh, xv, RED["none"], False)[0]
+        if device in results:
+            assert torch.equal(kl, results[device][0]) and torch.equal(rec, results[device][1])
+        results[device] = (kl, rec)
+    assert_agree(results["cuda"][0], results["cpu"][0], "kl")
+    assert_agree(results["cuda"][1], results["cpu"][1], "recon")
 
 def test_stride_zero_incoming_gradients():
     """z.sum() and kl.sum() hand the backward stride-0 (expanded) gradients; they are read in

@@ -422,17 +422,40 @@ __device__ __forceinline__ void write_grid_sum(acc_t value, acc_t* out, acc_t* p
              [&](acc_t total) { *out = static_cast<acc_t>(static_cast<double>(total) * scale); });
 }
 
+// Threads per sample in finish_rows: the largest power of two up to a warp with batch * lanes <=
+// threads (1 when the batch exceeds half the block). A function of the shape only.
+__device__ __forceinline__ int finish_rows_lanes(int64_t batch, int64_t threads) {
+  int lanes = 32;
+  while (lanes > 1 && batch * lanes > threads) lanes >>= 1;
+  return lanes;
+}
+
 // Per-sample sums of a "rows" kernel: segment s = (sample b, tile c) of `tiles` tiles per sample.
 // With one tile the block that summed a sample writes it; otherwise every segment's sum goes to
-// partials[s] and the last block adds each sample's tiles in order. Call after the segment loop.
+// partials[s] and the last block adds each sample's tiles. It gives each sample a group of `lanes`
+// threads (finish_rows_lanes): lane l adds tiles l, l + lanes, ... in order, then the group's lanes
+// are added by a fixed butterfly. A small batch has many tiles (B = 1: up to 1024), and one thread
+// per sample read them in one dependent L2 round trip per kPartialBatch partials (114 in a row at
+// B = 1); a warp per sample reads them in 4. Call after the segment loop.
 template <typename acc_t>
 __device__ __forceinline__ void finish_rows(acc_t* out, acc_t* partials, int64_t batch, int64_t tiles,
                                             unsigned int slot) {
   if (tiles == 1) return;
   unsigned int* counter = &ticket_counters[slot];
   if (!take_ticket_is_last(counter)) return;
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    out[b] = sum_partials(partials + b * tiles, 0, tiles, 1);
+  const int lanes = finish_rows_lanes(batch, blockDim.x);
+  if (lanes == 1) {  // a batch of more than half a block: a thread per sample
+    for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+      out[b] = sum_partials(partials + b * tiles, 0, tiles, 1);
+    }
+  } else {  // batch * lanes <= blockDim.x: one pass, and every thread takes part in the shuffles
+    const int64_t b = threadIdx.x / lanes;
+    const int lane = static_cast<int>(threadIdx.x % lanes);
+    acc_t v = b < batch ? sum_partials(partials + b * tiles, lane, tiles, lanes) : acc_t(0);
+    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+      v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
+    }
+    if (lane == 0 && b < batch) out[b] = v;
   }
   if (threadIdx.x == 0) reset_ticket(counter);
 }
@@ -464,6 +487,10 @@ __device__ __forceinline__ void store_segment(acc_t sum, acc_t* out, acc_t* part
 //    since a graph may be replayed on any stream, next to eager work on its capture stream. (After
 //    kTicketSlots - kEagerSlots captured launches in one process the graph slots wrap around, with
 //    a warning.)
+// What a collision would cost: two launches interleaving on one counter reset it while the other
+// is still counting, so one of them combines partials that are not all written, and the counter
+// stays off for every later launch in that slot (a wrong or unwritten sum each time). Hence fresh
+// slots for captured launches, and the warning when they wrap.
 inline unsigned int ticket_slot(const c10::cuda::CUDAStream& stream) {
   static std::mutex mutex;
   static std::map<std::pair<int, int64_t>, unsigned int> eager_slots;
