@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,8 @@
 #include <map>
 #include <string>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "elbo_math.h"
 #include "fastelbo.h"
@@ -234,6 +237,45 @@ void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int
 at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction) {
   const auto options = x_hat.options().dtype(loss_dtype(x_hat.scalar_type()));
   return reduction == kNone ? at::empty({x_hat.size(0)}, options) : at::empty({}, options);
+}
+
+namespace {
+
+// Whether t's elements fill [data, data + numel) without gaps or overlaps, each sample a run of D
+// consecutive elements (the batch dim outermost). Size-1 dims are ignored (their stride is
+// arbitrary). fastelbo/ops.py (_recon_reads_in_place) mirrors this test for the fake tensors.
+bool rows_in_memory_order(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::stable_sort(dims.begin(), dims.end());  // innermost first
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return t.size(0) == 1 || t.stride(0) * t.size(0) == t.numel();
+}
+
+// Same strides in every dim of size > 1 (equal sizes checked by the caller).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x) {
+  if (rows_in_memory_order(x_hat) && same_layout(x_hat, x)) {
+    return {x_hat, x, x_hat.strides().vec()};
+  }
+  at::Tensor x_hat_c = x_hat.contiguous();
+  std::vector<int64_t> strides = x_hat_c.strides().vec();
+  return {std::move(x_hat_c), x.contiguous(), std::move(strides)};
 }
 
 void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,

@@ -91,7 +91,12 @@ def test_non_contiguous_inputs(device, reduction, dtype, kind):
     for g in (random_grad_outputs((loss,), reduction, seed=seed + 3), [torch.ones_like(loss)]):
         outs_c, grads_c = run_with_grads(recon(reduction), (x_hat, x), g)
         outs_nc, grads_nc = run_with_grads(recon(reduction), (views[2], views[3]), g)
-        assert_all_equal(outs_c, outs_nc, "recon output")
+        if kind == "channels_last":
+            # Read in place and summed in memory order (csrc/ops.cpp, recon_operands): the same
+            # gradients, the losses to within float32 rounding of a different summation order.
+            torch.testing.assert_close(outs_nc[0], outs_c[0], rtol=1e-6, atol=0)
+        else:
+            assert_all_equal(outs_c, outs_nc, "recon output")
         assert_all_equal(grads_c, grads_nc, "recon grad")
 
 

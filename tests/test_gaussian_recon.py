@@ -4,6 +4,8 @@ Values and gradients for every reduction x dtype x shape, with a grad_output tha
 the exact 1.0 of loss.backward() (the CPU op hands back a gradient prepared in the forward pass
 then), for x_hat and/or x requiring grad; output dtypes and shapes; gradcheck in float64.
 """
+import math
+
 import pytest
 import torch
 
@@ -234,3 +236,83 @@ def test_16bit_gradients_are_the_float_values_rounded_once(device, dtype, x_grad
     assert got.isinf().any() and ((got != 0) & (got.abs() < torch.finfo(dtype).smallest_normal)).any()
     if x_grad:
         assert (grads[1] == -want).logical_or(want.isnan() & grads[1].isnan()).all()
+
+
+# ---- memory layouts --------------------------------------------------------------------------------
+# Layouts the kernels read in place (csrc/ops.cpp, recon_operands): x_hat and x dense, laid out
+# alike, with the batch outermost. (shape, make the layout from a contiguous tensor)
+def _permuted(t):
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+IN_PLACE_LAYOUTS = {
+    "channels_last": ((4, 3, 5, 6), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "channels_last_3d": ((3, 2, 3, 4, 5), lambda t: t.contiguous(memory_format=torch.channels_last_3d)),
+    "permuted": ((4, 5, 7), _permuted),
+    "batch_of_one": ((1, 6, 5), _permuted),
+}
+COPY_SUSPECTS = ("aten::clone", "aten::copy_", "aten::contiguous")
+
+
+def _data_sized_copies_in(fn, numel):
+    """Copy ops on tensors of at least `numel` elements that fn runs (the (B,) incoming gradient
+    of "none" may be made contiguous; that is not a pass over the data)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [(e.name, e.input_shapes) for e in prof.events()
+            if e.name in COPY_SUSPECTS and any(isinstance(s, list) and len(s) > 0 and math.prod(s) >= numel
+                                              for s in e.input_shapes)]
+
+
+@pytest.mark.parametrize("layout", list(IN_PLACE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_dense_layouts_are_read_in_place(device, reduction, dtype, layout):
+    """channels_last and other dense batch-outermost layouts shared by x_hat and x: values and
+    gradients against float64 math, gradients in x_hat's layout (as autograd's AccumulateGrad
+    wants them: no copy into .grad either), the same gradient values as for contiguous copies of
+    the inputs, and no copy of either input inside the ops (forward and backward)."""
+    shape, make = IN_PLACE_LAYOUTS[layout]
+    x_hat, x = (make(t) for t in recon_inputs(shape, dtype, device, seed=stable_seed("lay", reduction, dtype, layout)))
+    assert x_hat.stride() == x.stride() and (not x_hat.is_contiguous() or shape[0] == 1)
+    loss = fused(reduction)(x_hat.detach(), x.detach())
+    grad_output = random_grad_outputs((loss,), reduction, seed=3)
+    leaves = (x_hat.detach().requires_grad_(), x.detach().requires_grad_())
+    _, grads = compare_three_ways(fused(reduction), ref(reduction), leaves, grad_output, ("x_hat", "x"))
+    for g in grads:
+        assert g.stride() == x_hat.stride()
+
+    _, grads_contiguous = run_with_grads(fused(reduction), tuple(t.contiguous() for t in leaves), grad_output)
+    for g, g_c in zip(grads, grads_contiguous):
+        assert torch.equal(g, g_c)  # elementwise: the layout changes no gradient value
+
+    def step():  # loss.backward(), the CPU's prepared-gradient path included
+        a, b = (t.detach().requires_grad_() for t in leaves)
+        fused(reduction)(a, b).sum().backward()
+        assert a.grad.stride() == x_hat.stride() and b.grad.stride() == x_hat.stride()
+
+    step()
+    assert _data_sized_copies_in(step, x_hat.numel()) == []
+
+
+@pytest.mark.parametrize("case", ["mixed", "overlapping", "batch_inner"])
+def test_other_layouts_are_copied_and_give_contiguous_gradients(device, case):
+    """x_hat and x in different layouts, an expanded (stride-0) x, or a batch dim that is not
+    outermost in memory: both inputs are copied to contiguous memory (the profiler sees the copy,
+    which shows the in-place test above can fail), the gradients are contiguous, values are right."""
+    x_hat, x = recon_inputs((4, 3, 5, 6), torch.float32, device, seed=stable_seed("copy", case), x_grad=True)
+    if case == "mixed":
+        x_hat = x_hat.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    elif case == "overlapping":
+        x = x[:1].detach().expand_as(x_hat)
+    else:
+        x_hat, x = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(t.requires_grad)
+                    for t in (x_hat, x))
+    _, grads = compare_three_ways(fused("sum"), ref("sum"), (x_hat, x), None, ("x_hat", "x"))
+    assert all(g.is_contiguous() for g in grads if g is not None)
+
+    def step():
+        a, b = (t.detach().requires_grad_() for t in (x_hat, x))
+        fused("sum")(a, b).backward()
+
+    assert _data_sized_copies_in(step, x_hat.numel()) != []

@@ -21,6 +21,8 @@ namespace cpu {
 // A contiguous CPU tensor for a kernel output. Large ones (>= 1 MiB) come from a bounded cache of
 // reused buffers (buffer_cache.cpp), so a training loop does not fault fresh memory in each step.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The same with the given strides (dense: the gradients in the layout of recon_operands).
+at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
 size_t cached_output_bytes();  // bytes held by the cache, not in use
 void empty_output_cache();     // returns the cached buffers to the system
 

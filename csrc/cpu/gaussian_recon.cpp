@@ -145,17 +145,17 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
                                                            bool save_grad_unit) {
   check_gaussian_recon_loss(x_hat, x, reduction);
   at::Tensor loss = allocate_recon_loss(x_hat, reduction);
-  at::Tensor grad_unit = save_grad_unit ? empty_output(x_hat.sizes(), x_hat.options())
+  const ReconOperands rows = recon_operands(x_hat, x);
+  at::Tensor grad_unit = save_grad_unit ? empty_output(x_hat.sizes(), rows.grad_strides, x_hat.options())
                                         : at::empty({0}, x_hat.options());
   const BatchLayout layout = batch_layout(x_hat);
   const double scale = reduction_scale(reduction, layout);
-  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
   const BatchLayout work = task_layout(layout, reduction == kNone);
   const RowChunking chunking(work);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xh = x_hat_c.const_data_ptr<scalar_t>();
-    const scalar_t* xv = x_c.const_data_ptr<scalar_t>();
+    const scalar_t* xh = rows.x_hat.const_data_ptr<scalar_t>();
+    const scalar_t* xv = rows.x.const_data_ptr<scalar_t>();
     scalar_t* gu = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
     // An empty batch has no tasks: the reduction writes its identity, 0.
     const acc_t grad_scale = static_cast<acc_t>(scale);
@@ -174,22 +174,22 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
     bool need_grad_x_hat, bool need_grad_x) {
   check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  const ReconOperands rows = recon_operands(x_hat, x);
   auto allocate_grad = [&](bool needed) {
-    return needed ? empty_output(x_hat.sizes(), x_hat.options()) : at::empty({0}, x_hat.options());
+    return needed ? empty_output(x_hat.sizes(), rows.grad_strides, x_hat.options()) : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
   const BatchLayout layout = batch_layout(x_hat);
   if (layout.numel == 0 || !(need_grad_x_hat || need_grad_x)) return {grad_x_hat, grad_x};
 
   const double scale = reduction_scale(reduction, layout);
-  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
   const RowChunking chunking(task_layout(layout, reduction == kNone));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor grad_c = grad_loss.to(loss_dtype(x_hat.scalar_type())).contiguous();
     const acc_t* g = grad_c.const_data_ptr<acc_t>();
-    const scalar_t* xh = x_hat_c.const_data_ptr<scalar_t>();
-    const scalar_t* xv = x_c.const_data_ptr<scalar_t>();
+    const scalar_t* xh = rows.x_hat.const_data_ptr<scalar_t>();
+    const scalar_t* xv = rows.x.const_data_ptr<scalar_t>();
     scalar_t* gxh = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     chunking.for_each_task([&](int64_t task) {

@@ -263,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
   check_gaussian_recon_loss(x_hat, x, reduction);
   const c10::cuda::CUDAGuard device_guard(x_hat.device());
   at::Tensor loss = allocate_recon_loss(x_hat, reduction);
-  at::Tensor grad_unit = save_grad_unit ? at::empty_like(x_hat, at::MemoryFormat::Contiguous)
+  const ReconOperands rows = recon_operands(x_hat, x);
+  at::Tensor grad_unit = save_grad_unit ? at::empty_strided(x_hat.sizes(), rows.grad_strides, x_hat.options())
                                         : at::empty({0}, x_hat.options());
   const BatchLayout layout = batch_layout(x_hat);
   if (layout.numel == 0) {  // empty: the reduction's identity, no kernel
@@ -271,14 +272,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
     return {loss, grad_unit};
   }
   const double scale = reduction_scale(reduction, layout);
-  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int E = kPack<scalar_t>;
     ForwardParams<scalar_t> p{};
-    p.x_hat = x_hat_c.const_data_ptr<scalar_t>();
-    p.x = x_c.const_data_ptr<scalar_t>();
+    p.x_hat = rows.x_hat.const_data_ptr<scalar_t>();
+    p.x = rows.x.const_data_ptr<scalar_t>();
     p.grad_unit = save_grad_unit ? grad_unit.data_ptr<scalar_t>() : nullptr;
     p.loss = loss.data_ptr<acc_t>();
     p.numel = layout.numel;
@@ -312,14 +312,15 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
     bool need_grad_x_hat, bool need_grad_x) {
   check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
   const c10::cuda::CUDAGuard device_guard(x_hat.device());
+  const ReconOperands rows = recon_operands(x_hat, x);
   auto allocate_grad = [&](bool needed) {
-    return needed ? at::empty_like(x_hat, at::MemoryFormat::Contiguous) : at::empty({0}, x_hat.options());
+    return needed ? at::empty_strided(x_hat.sizes(), rows.grad_strides, x_hat.options())
+                  : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
   const BatchLayout layout = batch_layout(x_hat);
   if (layout.numel == 0 || !(need_grad_x_hat || need_grad_x)) return {grad_x_hat, grad_x};
 
-  const at::Tensor x_hat_c = x_hat.contiguous(), x_c = x.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -329,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
     p.grad_dtype = any_float_code(grad_loss.scalar_type());
     p.per_sample = reduction == kNone;
     p.grad_stride = p.per_sample ? grad_loss.stride(0) : 0;
-    p.x_hat = x_hat_c.const_data_ptr<scalar_t>();
-    p.x = x_c.const_data_ptr<scalar_t>();
+    p.x_hat = rows.x_hat.const_data_ptr<scalar_t>();
+    p.x = rows.x.const_data_ptr<scalar_t>();
     p.grad_x_hat = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
     p.grad_x = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     p.scale = static_cast<acc_t>(reduction_scale(reduction, layout));
