@@ -11,7 +11,7 @@ grad_z is a fixed random tensor standing in for the decoder's gradient, so the z
 exercised, as the byte floor assumes. kl and rec use fastelbo's default reduction, "batchmean".
 
 Providers (PROVIDERS; tests and users may register more with `register_provider`):
-  eager     the eager code of DESIGN.md §4 (randn_like inside), kl and rec divided by B
+  eager     the eager code of the README's "Drop-in use" (randn_like inside), kl and rec divided by B
   compile   torch.compile(dynamic=False) of that same function, compiled before anything is timed
   fastelbo  fastelbo.reparameterize_kl + fastelbo.gaussian_recon_loss
 
@@ -26,7 +26,7 @@ that drift of a shared machine hits them alike; several input sets are cycled wh
 stay in the last-level cache, and every provider gets the same input sets. On CUDA, a profiled
 pass adds the summed kernel time and the kernel launches per step.
 
-Byte floor (DESIGN.md §3), N = B*Z latent elements, M = B*D data elements, s bytes per element:
+Byte floor (the bytes a loss step cannot avoid moving), N = B*Z latent elements, M = B*D data elements, s bytes per element:
 fwd+bwd (8N + 5M) s, fwd (3N + 2M) s; `floor_fraction` = (floor bytes / copy bandwidth) / step time,
 with the copy bandwidth (bytes read + written by a large tensor copy) measured in the same run.
 
@@ -56,7 +56,7 @@ PRESETS = {
     "mnist-mlp": (128, 784, 20),
     "ldm-ae-256": (8, 196608, 4096),
     "large": (64, 2**20, 2**14),
-    # DESIGN.md §4's CPU anchor: the GPU "large" with a batch of 16 (about 0.35 GB of fp32 inputs
+    # The CPU anchor size: the GPU "large" with a batch of 16 (about 0.35 GB of fp32 inputs
     # instead of 1.4 GB), what a CPU run picks by default.
     "large-b16": (16, 2**20, 2**14),
 }
@@ -108,7 +108,9 @@ def parse_size(text):
 
 
 def floor_bytes(size, dtype, mode):
-    """DESIGN.md §3's compulsory bytes of one loss step: fwd+bwd (8N + 5M) s, fwd (3N + 2M) s."""
+    """The compulsory bytes of one loss step: fwd+bwd (8N + 5M) s, fwd (3N + 2M) s (reparam+KL reads
+    mu, logvar and writes z: 3N; its backward reads grad_z, mu, logvar and writes two gradients: 5N;
+    recon reads x_hat and x in each direction and writes grad_x_hat: 5M)."""
     s = torch.empty((), dtype=dtype).element_size()
     if mode == "fwd+bwd":
         return (8 * size.N + 5 * size.M) * s
@@ -121,7 +123,8 @@ def floor_bytes(size, dtype, mode):
 # providers
 
 def eager_loss(mu, logvar, x_hat, x, eps=None):
-    """DESIGN.md §4's eager code, with kl and rec divided by B (fastelbo's default "batchmean")."""
+    """The README's eager code ("Drop-in use"), with kl and rec divided by B (fastelbo's default
+    "batchmean")."""
     std = torch.exp(0.5 * logvar)
     if eps is None:
         eps = torch.randn_like(std)
@@ -166,7 +169,7 @@ def register_provider(name, build, description=""):
     return PROVIDERS[name]
 
 
-register_provider("eager", lambda: eager_loss, "eager PyTorch (DESIGN.md §4), batchmean")
+register_provider("eager", lambda: eager_loss, "eager PyTorch (the README's eager code), batchmean")
 register_provider("compile", _build_compiled, "torch.compile(dynamic=False) of the eager code")
 register_provider("fastelbo", lambda: fastelbo_loss, "fastelbo.reparameterize_kl + gaussian_recon_loss")
 
@@ -887,7 +890,8 @@ EPILOG = """examples:
   fastelbo bench --list
 
 Every provider is validated against fastelbo.reference (loss and gradients, at the size, dtype and
-device it is timed at) before it is timed; one that fails is REFUSED and not reported.
+device it is timed at) before it is timed; one that fails is REFUSED: not timed, and the refusal
+and its reason are printed and written to bench.json.
 Output: a table on stdout, DIR/bench.json (every figure, machine, torch, CUDA, GPU), DIR/bench.png.
 Exit codes: 0 ok; 1 a provider was refused or a case failed; 2 bad arguments.
 """
@@ -911,7 +915,7 @@ def add_arguments(parser):
     parser.add_argument("--reps", type=int, default=None, help="timed steps per provider (default: adaptive)")
     parser.add_argument("--time-per-case", type=float, default=None,
                         help="seconds of timed steps per provider, size, dtype and mode (default 1.0; --quick 0.1)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 3; --quick 2)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (" + ",".join(QUICK_SIZES) + "), fp32, few reps: about a minute on 2 CPU cores")
     parser.add_argument("--out", default="fastelbo-bench", metavar="DIR",
@@ -1024,7 +1028,7 @@ def run(args):
         "devices": devices,
         "dtypes": dtypes,
         "sizes": {d: [dataclasses.asdict(s) for s in sizes[d]] for d in devices},
-        "floor": "fwd+bwd (8N + 5M) s, fwd (3N + 2M) s bytes (DESIGN.md §3); N = B*Z, M = B*D",
+        "floor": "fwd+bwd (8N + 5M) s, fwd (3N + 2M) s bytes; N = B*Z, M = B*D, s bytes per element",
         "timing": "host-inclusive wall time per step (perf_counter_ns; CUDA: synchronized after each step); "
                   "median and quantiles over the timed steps; providers interleaved round-robin",
     }

@@ -1,6 +1,6 @@
 """nn.Modules over the fused loss: `VAE` (encoder + decoder + loss) and `ELBOLoss` (the loss alone).
 
-Both compute the (beta-)VAE objective of DESIGN.md with a unit-variance Gaussian decoder:
+Both compute the (beta-)VAE objective of the README with a unit-variance Gaussian decoder:
 
     loss = recon + beta * kl,   recon = 1/2 ||x_hat - x||^2,   kl = KL(N(mu, exp(logvar)) || N(0, I))
 

@@ -10,7 +10,7 @@ tensors that require grad records the backward; no Python runs in the backward p
 Most users call `fastelbo.reparameterize_kl` and `fastelbo.gaussian_recon_loss`, which map the
 reduction names to the codes below and call the forward ops directly. `ReparameterizeKL` and
 `GaussianReconLoss` at the end of this module are the same fused ops as torch.autograd.Function
-subclasses (DESIGN.md section 2), for code that works with Functions.
+subclasses, for code that works with Functions (README, "API").
 """
 import torch
 from torch._prims_common import make_contiguous_strides_for

@@ -1,8 +1,9 @@
 """Plain-PyTorch implementations of fastelbo's functions: the validation oracle.
 
-Same signatures, semantics and output dtypes as fastelbo.reparameterize_kl and
+Same signatures, output dtypes and, for valid inputs, semantics as fastelbo.reparameterize_kl and
 fastelbo.gaussian_recon_loss, written as ordinary differentiable torch code (autograd does the
-backward). When eps is not given it is drawn with torch.randn, so the draws differ from the fused
+backward). It does not validate its arguments: mismatched shapes broadcast where the fused ops
+raise. When eps is not given it is drawn with torch.randn, so the draws differ from the fused
 kernels' Philox stream; pass the same eps to both to compare values and gradients.
 """
 import math

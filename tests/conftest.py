@@ -58,7 +58,7 @@ def dtype_id(dtype):
 
 
 def loss_dtype(dtype):
-    """DESIGN.md section 2: losses in float32 for fp16/bf16 inputs, else the input dtype."""
+    """README, API: losses in float32 for fp16/bf16 inputs, else the input dtype."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 

@@ -1,5 +1,5 @@
 """fastelbo.ops.ReparameterizeKL and GaussianReconLoss: the fused ops as torch.autograd.Function
-subclasses (DESIGN.md section 2). They must give exactly the values and gradients of the
+subclasses (README, API). They must give exactly the values and gradients of the
 functional API (same kernels), on every device, pass gradcheck in float64, work under torch.func
 (grad, and vmap of grad: per-example gradients), and refuse double backward with a clear error
 when gradients are differentiated."""

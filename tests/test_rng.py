@@ -1,4 +1,4 @@
-"""The random numbers of fastelbo.reparameterize_kl (DESIGN.md section 5).
+"""The random numbers of fastelbo.reparameterize_kl (README, API: `generator`).
 
 eps drawn inside the kernel: its distribution (moments, tails, a Kolmogorov-Smirnov check against
 the normal CDF) and independence, with bounds from the standard errors (5 sigma); the backward
@@ -110,7 +110,7 @@ def test_philox_known_answers():
 
 
 def test_eps_is_philox_box_muller_of_seed_offset_index(device):
-    """DESIGN.md section 5: the normal of element i of draw k depends only on (seed, offset + k, i)
+    """The normal of element i of draw k depends only on (seed, offset + k, i)
     through Philox4x32-10 and Box-Muller (counter layout in csrc/elbo_math.h), so the CPU and CUDA
     kernels can agree. Recomputed here in float64 from the rng_state the op returns."""
     mu = torch.zeros(3, 7, dtype=torch.float64, device=device)
