@@ -340,6 +340,33 @@ def test_empty_batch_junk_filled(junk_fill):
     assert torch.equal(fastelbo.gaussian_recon_loss(mu, mu, reduction="none"), torch.zeros(3))
 
 
+@pytest.mark.parametrize("limit_mb, expect_kept_mib", [("0", 0), ("5", 4), (None, 16)],
+                         ids=["disabled", "5MB", "default"])
+def test_cpu_cache_limit_from_the_environment(limit_mb, expect_kept_mib):
+    """FASTELBO_CPU_CACHE_MB caps the bytes the CPU output cache keeps while unused (0 disables
+    it; default 1024): four freed 4 MiB gradients leave 0, one (5 MB fits one) or all four
+    cached. Run in a fresh process, since the limit is read once."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastelbo\n"
+        "from fastelbo import _C\n"
+        "x = torch.zeros(1, 2**20)\n"
+        "one = torch.tensor(1.0)\n"
+        "grads = [torch.ops.fastelbo.gaussian_recon_loss_backward(one, x, x, 1, True, False)[0] for _ in range(4)]\n"
+        "del grads\n"
+        "print(_C._cpu_cache_bytes())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTELBO_CPU_CACHE_MB"}
+    if limit_mb is not None:
+        env["FASTELBO_CPU_CACHE_MB"] = limit_mb
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) == expect_kept_mib * 2**20
+
+
 def test_cpu_buffer_cache_reuses_and_empties():
     """Large CPU outputs come back to fastelbo's buffer cache when freed and are reused; values stay
     correct on reused (dirty) buffers, and empty_cpu_cache() releases them."""

@@ -63,6 +63,11 @@ def _reparam_cases():
         ("reduction_case", lambda mu, lv: dict(reduction="Sum"), ValueError, ["reduction"]),
         ("reduction_none_object", lambda mu, lv: dict(reduction=None), ValueError, ["reduction"]),
         ("num_samples_0", lambda mu, lv: dict(num_samples=0), ValueError, ["num_samples"]),
+        ("num_samples_bool", lambda mu, lv: dict(num_samples=True), TypeError, ["num_samples", "int"]),
+        ("num_samples_float", lambda mu, lv: dict(num_samples=2.0), TypeError, ["num_samples", "int"]),
+        ("free_bits_string", lambda mu, lv: dict(free_bits="0.5"), TypeError, ["free_bits"]),
+        ("eps_requires_grad", lambda mu, lv: dict(eps=torch.zeros(3, 4, device=mu.device, requires_grad=True)),
+         ValueError, ["eps", "require grad"]),
         ("num_samples_neg", lambda mu, lv: dict(num_samples=-2), ValueError, ["num_samples"]),
         ("free_bits_neg", lambda mu, lv: dict(free_bits=-0.1), ValueError, ["free_bits"]),
         ("free_bits_nan", lambda mu, lv: dict(free_bits=float("nan")), ValueError, ["free_bits"]),
@@ -115,6 +120,13 @@ def _recon_cases():
 
 
 RECON_CASES = as_params(_recon_cases())
+
+
+def test_generator_that_is_not_a_generator(device):
+    mu, logvar = latents(device)
+    for generator in (3, "cuda", torch.zeros(2)):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+            fastelbo.reparameterize_kl(mu, logvar, generator=generator)
 
 
 @pytest.mark.parametrize("case", RECON_CASES)

@@ -183,6 +183,18 @@ def test_elbo_loss_module_equals_composition():
     torch.testing.assert_close(kl_floor, torch.tensor(50.0 * 4))
 
 
+def test_elbo_loss_sample_with_eps_draws_nothing():
+    """ELBOLoss.sample(eps=...) uses the given eps (z = mu + exp(logvar / 2) eps) and leaves the
+    default generator where it was."""
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    eps = torch.randn(5, 3)
+    state = torch.get_rng_state()
+    z, kl = fastelbo.ELBOLoss().sample(mu, logvar, eps=eps)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl, reference.reparameterize_kl(mu, logvar, eps=eps)[1])
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="reduction"):
         fastelbo.ELBOLoss(reduction="avg")

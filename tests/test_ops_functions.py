@@ -108,3 +108,16 @@ def test_torch_func_grad_and_per_example_gradients(device):
             torch.testing.assert_close(got[i], w, rtol=1e-6, atol=1e-6, msg=lambda m: f"example {i}, {name}: {m}")
     with pytest.raises(RuntimeError, match="double backward.*GaussianReconLoss"):
         grad(lambda a: grad(lambda b: GaussianReconLoss.apply(b, x, code))(a).sum())(x_hat)
+
+
+def test_functional_api_is_refused_by_torch_func(device):
+    """The functional API's autograd is a C++ torch::autograd::Function, which torch.func refuses
+    with its own error (the README says so and points to the Functions above instead)."""
+    from torch.func import grad
+
+    x_hat, x = (_leaf((3, 4), seed, device).detach() for seed in (1, 2))
+    mu, logvar = (_leaf((3, 2), seed, device).detach() for seed in (3, 4))
+    with pytest.raises(RuntimeError, match="C\\+\\+ torch::autograd::Function"):
+        grad(lambda a: fastelbo.gaussian_recon_loss(a, x))(x_hat)
+    with pytest.raises(RuntimeError, match="C\\+\\+ torch::autograd::Function"):
+        grad(lambda m: fastelbo.reparameterize_kl(m, logvar, eps=torch.zeros_like(m))[1])(mu)
