@@ -90,9 +90,17 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
                                int64_t reduction, double free_bits) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = typed_op<ReparamKLOp>("fastelbo::reparameterize_kl");
+    // The kernels read contiguous memory. Non-contiguous inputs (typically mu and logvar as the
+    // two halves of an encoder's moments, chunked along dim 1) are copied here, once, and the
+    // copies kept for the backward, which would otherwise copy them again (on a GPU: two more
+    // launches per step). mu and logvar themselves are kept too: refuse_double_backward needs
+    // them in the graph. For contiguous inputs the "copies" are the inputs themselves.
+    const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
+    const std::optional<at::Tensor> eps_c =
+        eps.has_value() ? std::optional<at::Tensor>(eps->contiguous()) : std::nullopt;
     auto [z, kl, rng_state, kl_position_mean] =
-        op.call(mu, logvar, eps, generator, num_samples, reduction, free_bits);
-    ctx->save_for_backward({mu, logvar, eps.value_or(at::Tensor()), rng_state, kl_position_mean});
+        op.call(mu_c, logvar_c, eps_c, generator, num_samples, reduction, free_bits);
+    ctx->save_for_backward({mu, logvar, eps_c.value_or(at::Tensor()), rng_state, kl_position_mean, mu_c, logvar_c});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["free_bits"] = free_bits;
@@ -112,7 +120,7 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       static const auto op = typed_op<ReparamKLBackwardOp>("fastelbo::reparameterize_kl_backward");
       std::tie(grads[0], grads[1]) = op.call(
-          grad_z, grad_kl, mu, logvar, defined_or_none(eps), saved[3], saved[4],
+          grad_z, grad_kl, saved[5], saved[6], defined_or_none(eps), saved[3], saved[4],
           ctx->saved_data["num_samples"].toInt(), ctx->saved_data["reduction"].toInt(),
           ctx->saved_data["free_bits"].toDouble());
     }

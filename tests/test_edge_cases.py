@@ -100,6 +100,35 @@ def test_non_contiguous_inputs(device, reduction, dtype, kind):
         assert_all_equal(grads_c, grads_nc, "recon grad")
 
 
+
+def test_chunked_moments_are_copied_once_per_step(device):
+    """mu and logvar as the two halves of an encoder's moments (chunked along dim 1, the
+    latent-diffusion convention; non-contiguous): the forward copies each to contiguous memory
+    once and keeps the copies, so the backward copies nothing (it copied both again before)."""
+    moments = torch.randn(8, 2 * 16, 4, 4, device=device, requires_grad=True)
+    mu, logvar = moments.chunk(2, dim=1)
+    assert not mu.is_contiguous()
+
+    def latent_copies(prof):
+        return [e.name for e in prof.events()
+                if e.name in ("aten::contiguous", "aten::clone") and [8, 16, 4, 4] in e.input_shapes]
+
+    grad_z = torch.randn(8, 16, 4, 4, device=device)
+    torch.manual_seed(5)
+    with torch.profiler.profile(record_shapes=True) as forward:
+        z, kl = fastelbo.reparameterize_kl(mu, logvar)
+    with torch.profiler.profile(record_shapes=True) as backward:
+        torch.autograd.backward((z, kl), (grad_z, torch.tensor(0.5, device=device)))
+    assert latent_copies(forward) == ["aten::contiguous", "aten::clone"] * 2
+    assert latent_copies(backward) == []
+    # the values and gradients of contiguous inputs, bit for bit (the same draw after the same seed)
+    leaves = [t.detach().contiguous().requires_grad_() for t in (mu, logvar)]
+    torch.manual_seed(5)
+    z_c, kl_c = fastelbo.reparameterize_kl(*leaves)
+    torch.autograd.backward((z_c, kl_c), (grad_z, torch.tensor(0.5, device=device)))
+    assert torch.equal(z, z_c) and torch.equal(kl, kl_c)
+    assert torch.equal(moments.grad, torch.cat([leaves[0].grad, leaves[1].grad], dim=1))
+
 # ---- inputs never modified ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
