@@ -73,12 +73,13 @@ void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int
 at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction);
 
 // x_hat and x as the recon kernels read them: B rows of D elements each, in memory order. When
-// both are dense, laid out alike and with the batch outermost (contiguous, channels_last,
-// channels_last_3d, or any permutation of the non-batch dims: see rows_in_memory_order), they are
-// read where they are and the gradients are written in the same layout; otherwise both are copied
-// to contiguous memory and the gradients are contiguous. (A channels_last decoder output would
-// otherwise cost two permuting copies in each direction.) Within a sample the additions follow
-// memory order, so a permuted layout may change the losses in the last bits; not the gradients.
+// x_hat is dense with the batch outermost (contiguous, channels_last, channels_last_3d, or any
+// permutation of the non-batch dims: see rows_in_memory_order), it is read where it is, x too if
+// it has the same layout (else x is copied into it), and the gradients are written in x_hat's
+// layout; otherwise both are copied to contiguous memory and the gradients are contiguous. (A
+// channels_last decoder output would otherwise cost permuting copies in each direction.) Within a
+// sample the additions follow memory order, so a permuted layout may change the losses in the
+// last bits; not the gradients.
 struct ReconOperands {
   at::Tensor x_hat, x;                // dense, B rows of D elements in memory order
   std::vector<int64_t> grad_strides;  // the strides of gradients of x_hat's sizes

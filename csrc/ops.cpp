@@ -270,8 +270,14 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x) {
-  if (rows_in_memory_order(x_hat) && same_layout(x_hat, x)) {
-    return {x_hat, x, x_hat.strides().vec()};
+  if (rows_in_memory_order(x_hat)) {
+    if (same_layout(x_hat, x)) return {x_hat, x, x_hat.strides().vec()};
+    // x in another layout (e.g. contiguous data against a channels_last decoder output): one
+    // copy of x into x_hat's layout, rather than copies of both and gradients that autograd
+    // would copy into x_hat's layout once more.
+    at::Tensor x_like = at::empty_strided(x_hat.sizes(), x_hat.strides(), x.options());
+    x_like.copy_(x);
+    return {x_hat, std::move(x_like), x_hat.strides().vec()};
   }
   at::Tensor x_hat_c = x_hat.contiguous();
   std::vector<int64_t> strides = x_hat_c.strides().vec();

@@ -68,39 +68,37 @@ def _reparameterize_kl_backward_fake(grad_z, grad_kl, mu, logvar, eps, rng_state
         logvar, memory_format=torch.contiguous_format)
 
 
-def _recon_grad_strides(x_hat, x):
+def _recon_grad_strides(x_hat):
     """The strides of the reconstruction gradients, as csrc/ops.cpp's recon_operands picks them:
-    x_hat's own when x_hat and x are dense, laid out alike and with the batch outermost (e.g. both
-    channels_last), which the kernels then read in place; else contiguous ones."""
+    x_hat's own when x_hat is dense with the batch outermost (e.g. channels_last), which the
+    kernels then read in place; else contiguous ones."""
     dims = sorted((st, n) for n, st in zip(x_hat.shape, x_hat.stride()) if n != 1)  # innermost first
     expected = 1
     dense = x_hat.numel() != 0
     for st, n in dims:
         dense = dense and st == expected
         expected *= n
-    in_place = (dense and (x_hat.shape[0] == 1 or x_hat.stride(0) * x_hat.shape[0] == x_hat.numel())
-                and all(n == 1 or a == b for n, a, b in zip(x_hat.shape, x_hat.stride(), x.stride())))
-    if in_place:
+    if dense and (x_hat.shape[0] == 1 or x_hat.stride(0) * x_hat.shape[0] == x_hat.numel()):
         return x_hat.stride()
     return make_contiguous_strides_for(x_hat.shape)
 
 
-def _recon_grad_like(x_hat, x):
-    return x_hat.new_empty_strided(x_hat.shape, _recon_grad_strides(x_hat, x))
+def _recon_grad_like(x_hat):
+    return x_hat.new_empty_strided(x_hat.shape, _recon_grad_strides(x_hat))
 
 
 @torch.library.register_fake("fastelbo::gaussian_recon_loss")
 def _gaussian_recon_loss_fake(x_hat, x, reduction, save_grad_unit):
     torch._check(x_hat.dim() >= 1, lambda: "gaussian_recon_loss: x_hat must have a batch dimension")
     _check_same_device("gaussian_recon_loss", "x", x, "x_hat", x_hat)
-    grad_unit = _recon_grad_like(x_hat, x) if save_grad_unit else x_hat.new_empty((0,))
+    grad_unit = _recon_grad_like(x_hat) if save_grad_unit else x_hat.new_empty((0,))
     return _reduced_loss_like(x_hat, reduction), grad_unit
 
 
 @torch.library.register_fake("fastelbo::gaussian_recon_loss_backward")
 def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad_x_hat, need_grad_x):
     def grad(needed):
-        return _recon_grad_like(x_hat, x) if needed else x_hat.new_empty((0,))
+        return _recon_grad_like(x_hat) if needed else x_hat.new_empty((0,))
     return grad(need_grad_x_hat), grad(need_grad_x)
 
 

@@ -1,8 +1,10 @@
-"""Times a loss step, forward + backward, of fastelbo.gaussian_recon_loss on channels_last x_hat
-and x (one thread): benches/RESULTS.md, "Reconstruction inputs in channels_last". Prints the 10th
-percentile and the median of REPS steps, in us.
+"""Times a loss step, forward + backward, of fastelbo.gaussian_recon_loss on a channels_last x_hat
+against x in channels_last (default) or contiguous memory (X_LAYOUT), one thread:
+benches/RESULTS.md, "Reconstruction inputs in channels_last". Prints the 10th percentile and the
+median of REPS steps, in us.
 
-    PYTHONPATH=<tree> .venv/bin/python scripts/recon_layout_step.py 8,3,256,256 40
+    PYTHONPATH=<tree> .venv/bin/python scripts/recon_layout_step.py SHAPE REPS [X_LAYOUT]
+    PYTHONPATH=<tree> .venv/bin/python scripts/recon_layout_step.py 8,3,256,256 40 contiguous
 
 (PYTHONPATH picks the build to time: `python script.py` puts the script's folder, not the current
 one, first on sys.path, so without it the editable install's build is imported.)
@@ -18,7 +20,8 @@ import fastelbo
 torch.set_num_threads(1)
 shape = tuple(int(v) for v in sys.argv[1].split(","))
 xh0 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+x_layout = sys.argv[3] if len(sys.argv) > 3 else "channels_last"
+x = torch.randn(shape).contiguous(memory_format=getattr(torch, x_layout + "_format" if x_layout == "contiguous" else x_layout))
 xh = xh0.clone().requires_grad_()
 
 
