@@ -250,6 +250,12 @@ def one_dtype(dtype):
             for reduction in range(4):
                 loss, _ = ops.gaussian_recon_loss(xh, xv, reduction, True)
                 ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
+    # channels_last x_hat: read in place, with x in the same layout or copied into it
+    x_hat = torch.randn(4, 3, 9, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for xv in (torch.randn_like(x_hat), torch.randn_like(x_hat).contiguous()):
+        for reduction in range(4):
+            loss, _ = ops.gaussian_recon_loss(x_hat, xv, reduction, True)
+            ops.gaussian_recon_loss_backward(torch.ones_like(loss), x_hat, xv, reduction, True, True)
 
 
 # Small grids once as thread-block clusters (sm_90) and once through the ticket; only through the
