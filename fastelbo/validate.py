@@ -50,6 +50,12 @@ CASES = (
     ("batchmean K=3", "batchmean", 0.0, 3),
 )
 SHAPES = ((1, 1), (3, 5), (7, 13), (2, 3, 5, 7), (5, 4099), (2, 20001))  # the last: 2 chunks per row, 2 threads
+# Memory layouts of (x_hat, x) besides contiguous, checked on a 4-D shape: the recon kernels read a
+# channels_last x_hat in place, with x in the same layout or copied into it (csrc/ops.cpp,
+# recon_operands). (The gradients' layout is a test matter: .grad always takes its leaf's layout.)
+LAYOUTS = ("channels_last", "x_hat channels_last")
+LAYOUT_SHAPE = (3, 4, 5, 6)
+LAYOUT_REDUCTIONS = ("none", "batchmean")
 # atol in units of the output dtype's machine epsilon, times max(1, |oracle|): a few float32/float64
 # roundings; half an ulp for float16/bfloat16 outputs (a last-bit rounding difference).
 ATOL_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 0.5, torch.bfloat16: 0.5}
@@ -117,10 +123,23 @@ def _make_inputs(shape, num_samples, reduction, seed):
     return (mu, logvar, eps, x_hat, x), grads
 
 
-def check_case(fused, oracle_impl, device, dtype, label, reduction, free_bits, num_samples, shape, seed):
-    """Fused vs reference for one (device, dtype, case, shape): a Row."""
+def _with_layout(inputs, layout):
+    """(mu, logvar, eps, x_hat, x) with x_hat and x in `layout` (see LAYOUTS)."""
+    if layout == "contiguous":
+        return inputs
+    mu, logvar, eps, x_hat, x = inputs
+    x_hat = x_hat.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [mu, logvar, eps, x_hat, x]
+
+
+def check_case(fused, oracle_impl, device, dtype, label, reduction, free_bits, num_samples, shape, seed,
+               layout="contiguous"):
+    """Fused vs reference for one (device, dtype, case, shape): a Row. layout: of x_hat and x
+    (contiguous, or one of LAYOUTS)."""
     inputs64, grads64 = _make_inputs(shape, num_samples, reduction, seed)
-    inputs = [t.to(device=device, dtype=dtype) for t in inputs64]
+    inputs = _with_layout([t.to(device=device, dtype=dtype) for t in inputs64], layout)
     grads = [g.to(device=device, dtype=dtype) for g in grads64]
     # The oracle sees exactly the values the dtype under test can hold.
     oracle = _run(oracle_impl, [t.to("cpu", torch.float64) for t in inputs],
@@ -364,6 +383,15 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
                     except Exception as error:  # a crash is a failure, reported in the table
                         row = failed(device, dtype, label, shape, error)
                     add(row)
+            for layout in LAYOUTS:
+                for reduction in LAYOUT_REDUCTIONS:
+                    label = f"{reduction} {layout}"
+                    try:
+                        row = check_case(fused, reference_impl, device, dtype, label, reduction, 0.0, 1,
+                                         LAYOUT_SHAPE, seed * 1000 + 500, layout=layout)
+                    except Exception as error:
+                        row = failed(device, dtype, label, LAYOUT_SHAPE, error)
+                    add(row)
             try:
                 row = check_empty(fused, device, dtype)
             except Exception as error:
@@ -378,14 +406,14 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
     return rows
 
 
-HEADER = f"{'device':<6} {'dtype':<8} {'check':<26} {'shape':<11} {'worst':<11} {'fused err':>10} {'ref err':>10} {'allowed':>10}  result"
+HEADER = f"{'device':<6} {'dtype':<8} {'check':<30} {'shape':<11} {'worst':<11} {'fused err':>10} {'ref err':>10} {'allowed':>10}  result"
 
 
 def format_row(row):
     def num(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:10.3g}"
 
-    text = (f"{row.device:<6} {row.dtype:<8} {row.check:<26} {row.shape:<11} {row.worst:<11} "
+    text = (f"{row.device:<6} {row.dtype:<8} {row.check:<30} {row.shape:<11} {row.worst:<11} "
             f"{num(row.err):>10} {num(row.ref_err):>10} {num(row.allowed):>10}  {'ok' if row.ok else 'FAIL'}")
     if row.note and (not row.ok or row.check.startswith("rng moments")):
         text += f"  {row.note}"
