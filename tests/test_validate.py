@@ -7,17 +7,23 @@ import torch
 
 from fastelbo import cli, functional, validate
 
+from conftest import DEVICES
 
-def test_validate_command_passes(capsys):
-    code = cli.main(["validate", "--device", "cpu"])
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_validate_command_passes(capsys, device):
+    code = cli.main(["validate", "--device", device])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "FAIL" not in out
     assert "all passed" in out
-    # The table covers every dtype, reduction and the rng checks.
+    # The table covers every dtype, reduction, layout and the rng checks, on this device only.
     for word in ("float64", "float32", "float16", "bfloat16", "none", "sum", "mean", "batchmean",
-                 "(2,3,5,7)", "rng moments", "rng backward eps", "empty batch"):
+                 "(2,3,5,7)", "channels_last", "x_hat channels_last", "rng moments", "rng backward eps",
+                 "empty batch"):
         assert word in out, word
+    rows = [line for line in out.splitlines() if line.startswith(("cpu ", "cuda "))]
+    assert rows and all(line.startswith(device + " ") for line in rows)
 
 
 # ---- deliberately broken implementations --------------------------------------------------------
