@@ -10,19 +10,23 @@ import torch
 
 from fastelbo import cli
 
+from conftest import DEVICES
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_tiny_demo_writes_both_pictures_and_the_table(tmp_path, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_demo_writes_both_pictures_and_the_table(tmp_path, capsys, device):
     threads = torch.get_num_threads()
     out_dir = tmp_path / "out"
     code = cli.main(["demo", "--epochs", "2", "--hidden", "32", "--latent-dim", "2", "--batch-size", "128",
-                     "--device", "cpu", "--out", str(out_dir)])
+                     "--device", device, "--out", str(out_dir)])
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert f"device {device}" in printed
     for name in ("reconstructions.png", "loss_curves.png"):
         path = out_dir / name
         assert path.is_file(), name
