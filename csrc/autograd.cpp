@@ -93,14 +93,16 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
     // The kernels read contiguous memory. Non-contiguous inputs (typically mu and logvar as the
     // two halves of an encoder's moments, chunked along dim 1) are copied here, once, and the
     // copies kept for the backward, which would otherwise copy them again (on a GPU: two more
-    // launches per step). mu and logvar themselves are kept too: refuse_double_backward needs
-    // them in the graph. For contiguous inputs the "copies" are the inputs themselves.
+    // launches per step). The inputs themselves are kept too: refuse_double_backward needs mu and
+    // logvar in the graph, and saving them (eps included) keeps autograd's check that none was
+    // modified in place before the backward. For contiguous inputs the copies are the inputs.
     const at::Tensor mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
     const std::optional<at::Tensor> eps_c =
         eps.has_value() ? std::optional<at::Tensor>(eps->contiguous()) : std::nullopt;
     auto [z, kl, rng_state, kl_position_mean] =
         op.call(mu_c, logvar_c, eps_c, generator, num_samples, reduction, free_bits);
-    ctx->save_for_backward({mu, logvar, eps_c.value_or(at::Tensor()), rng_state, kl_position_mean, mu_c, logvar_c});
+    ctx->save_for_backward({mu, logvar, eps_c.value_or(at::Tensor()), rng_state, kl_position_mean, mu_c, logvar_c,
+                            eps.value_or(at::Tensor())});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["free_bits"] = free_bits;

@@ -243,14 +243,15 @@ namespace {
 
 // Whether t's elements fill [data, data + numel) without gaps or overlaps, each sample a run of D
 // consecutive elements (the batch dim outermost). Size-1 dims are ignored (their stride is
-// arbitrary). fastelbo/ops.py (_recon_reads_in_place) mirrors this test for the fake tensors.
+// arbitrary). fastelbo/ops.py (_recon_grad_strides) mirrors this test for the fake tensors.
 bool rows_in_memory_order(const at::Tensor& t) {
-  if (t.numel() == 0) return false;
+  if (t.is_contiguous()) return true;  // also every empty tensor
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
   }
-  std::stable_sort(dims.begin(), dims.end());  // innermost first
+  // Innermost first; equal strides (overlap: not dense) keep their dim order.
+  std::stable_sort(dims.begin(), dims.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   int64_t expected = 1;
   for (const auto& [stride, size] : dims) {
     if (stride != expected) return false;

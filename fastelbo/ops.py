@@ -72,9 +72,12 @@ def _recon_grad_strides(x_hat):
     """The strides of the reconstruction gradients, as csrc/ops.cpp's recon_operands picks them:
     x_hat's own when x_hat is dense with the batch outermost (e.g. channels_last), which the
     kernels then read in place; else contiguous ones."""
-    dims = sorted((st, n) for n, st in zip(x_hat.shape, x_hat.stride()) if n != 1)  # innermost first
+    if x_hat.is_contiguous():  # the usual case (and every empty tensor), without guards on the sizes
+        return x_hat.stride()
+    dims = sorted(((st, n) for n, st in zip(x_hat.shape, x_hat.stride()) if n != 1),
+                  key=lambda dim: dim[0])  # innermost first; ties keep their order, as in C++
     expected = 1
-    dense = x_hat.numel() != 0
+    dense = True
     for st, n in dims:
         dense = dense and st == expected
         expected *= n

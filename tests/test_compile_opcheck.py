@@ -249,3 +249,66 @@ def test_compile_channels_last_reconstruction(device):
     assert grad_e.stride() == x_hat.stride() and grad_c.stride() == grad_e.stride()
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-6)
+
+
+def _layout_case(name):
+    """x_hat of one memory layout (the fake implementations must predict its gradients' strides)."""
+    base = torch.randn(3, 4, 5, 6)
+    return {
+        "contiguous": base,
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "channels_last_empty_batch": torch.randn(0, 4, 5, 6).contiguous(memory_format=torch.channels_last),
+        "channels_last_empty_inner": torch.randn(3, 4, 0, 6).contiguous(memory_format=torch.channels_last),
+        "transposed_empty": torch.randn(6, 0).t(),
+        "expanded": torch.randn(1, 1, 1, 1).expand(3, 4, 5, 6),
+        "sliced": base[:, :, ::2],
+        "batch_inner": base.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2),
+        "size_one_dims": torch.randn(3, 1, 5, 1).as_strided((3, 1, 5, 1), (5, 99, 1, 7)),
+        "batch_of_one_permuted": torch.randn(1, 4, 5, 6).permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["contiguous", "channels_last", "channels_last_empty_batch",
+                                  "channels_last_empty_inner", "transposed_empty", "expanded", "sliced",
+                                  "batch_inner", "size_one_dims", "batch_of_one_permuted"])
+def test_fake_gradient_strides_match_the_kernels(name):
+    """_recon_grad_strides (fastelbo/ops.py) predicts the strides recon_operands (csrc/ops.cpp)
+    gives the gradients, for every kind of layout, empty tensors included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x_hat = _layout_case(name)
+    x = torch.randn(x_hat.shape)
+    grad_loss = torch.tensor(1.0)
+    code = REDUCTIONS["sum"]
+    real = ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, code, True, True)
+    real_unit = ops.gaussian_recon_loss(x_hat, x, code, True)[1]
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) for t in (grad_loss, x_hat, x)]
+        fake = ops.gaussian_recon_loss_backward(*fake_args, code, True, True)
+        fake_unit = ops.gaussian_recon_loss(*fake_args[1:], code, True)[1]
+    for r, f in zip((*real, real_unit), (*fake, fake_unit)):
+        assert r.shape == f.shape and r.stride() == f.stride(), (name, r.stride(), f.stride())
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_data_dependent_batch(backend):
+    """A batch picked by a boolean mask (a size known only at run time: no guard can be put on it)
+    compiles with the backward and gives eager's loss and gradient."""
+    torch._dynamo.reset()
+    x_hat = torch.randn(6, 5, requires_grad=True)
+    x = torch.randn(6, 5)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+
+    def step(x_hat, x, mask):
+        return fastelbo.gaussian_recon_loss(x_hat[mask], x[mask], reduction="sum")
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(step, backend=backend, fullgraph=True)
+        results = []
+        for fn in (compiled, step):
+            x_hat.grad = None
+            loss = fn(x_hat, x, mask)
+            loss.backward()
+            results.append((loss.detach(), x_hat.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)

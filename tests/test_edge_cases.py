@@ -129,6 +129,23 @@ def test_chunked_moments_are_copied_once_per_step(device):
     assert torch.equal(z, z_c) and torch.equal(kl, kl_c)
     assert torch.equal(moments.grad, torch.cat([leaves[0].grad, leaves[1].grad], dim=1))
 
+
+@pytest.mark.parametrize("which", ["mu", "logvar", "eps"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "transposed"])
+def test_input_modified_in_place_before_backward_is_refused(device, which, contiguous):
+    """Autograd's check that a saved input was not modified in place before the backward holds
+    for every input of the sample+KL op, also when the op works on a contiguous copy of it."""
+    def make(seed):
+        t = torch.randn(5, 3, generator=torch.Generator().manual_seed(seed)).to(device)
+        return t if contiguous else t.t().contiguous().t()
+
+    mu, logvar, eps = make(1).requires_grad_(), make(2).requires_grad_(), make(3)
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps)
+    with torch.no_grad():
+        {"mu": mu, "logvar": logvar, "eps": eps}[which].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (z.sum() + kl).backward()
+
 # ---- inputs never modified ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

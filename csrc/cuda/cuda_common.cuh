@@ -434,9 +434,10 @@ __device__ __forceinline__ int finish_rows_lanes(int64_t batch, int64_t threads)
 // With one tile the block that summed a sample writes it; otherwise every segment's sum goes to
 // partials[s] and the last block adds each sample's tiles. It gives each sample a group of `lanes`
 // threads (finish_rows_lanes): lane l adds tiles l, l + lanes, ... in order, then the group's lanes
-// are added by a fixed butterfly. A small batch has many tiles (B = 1: up to 1024), and one thread
-// per sample read them in one dependent L2 round trip per kPartialBatch partials (114 in a row at
-// B = 1); a warp per sample reads them in 4. Call after the segment loop.
+// are added by a fixed butterfly. A small batch has many tiles (B = 1: up to kMaxBlocks, 1056),
+// and one thread per sample read them in one dependent L2 round trip per kPartialBatch partials
+// (118 in a row; 114 at (1, 2^20), 1024 tiles); a warp per sample reads them in at most 4. Call
+// after the segment loop.
 template <typename acc_t>
 __device__ __forceinline__ void finish_rows(acc_t* out, acc_t* partials, int64_t batch, int64_t tiles,
                                             unsigned int slot) {
