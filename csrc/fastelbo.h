@@ -8,7 +8,6 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "elbo_math.h"
 
@@ -79,10 +78,9 @@ at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction);
 // layout; otherwise both are copied to contiguous memory and the gradients are contiguous. (A
 // channels_last decoder output would otherwise cost permuting copies in each direction.) Within a
 // sample the additions follow memory order, so a permuted layout may change the losses in the
-// last bits; not the gradients.
+// last bits; not the gradients. The gradients are allocated with the strides of the returned x_hat.
 struct ReconOperands {
-  at::Tensor x_hat, x;                // dense, B rows of D elements in memory order
-  std::vector<int64_t> grad_strides;  // the strides of gradients of x_hat's sizes
+  at::Tensor x_hat, x;  // dense and laid out alike: B rows of D elements in memory order
 };
 ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x);
 

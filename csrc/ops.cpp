@@ -272,17 +272,15 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 
 ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x) {
   if (rows_in_memory_order(x_hat)) {
-    if (same_layout(x_hat, x)) return {x_hat, x, x_hat.strides().vec()};
+    if (same_layout(x_hat, x)) return {x_hat, x};
     // x in another layout (e.g. contiguous data against a channels_last decoder output): one
     // copy of x into x_hat's layout, rather than copies of both and gradients that autograd
     // would copy into x_hat's layout once more.
     at::Tensor x_like = at::empty_strided(x_hat.sizes(), x_hat.strides(), x.options());
     x_like.copy_(x);
-    return {x_hat, std::move(x_like), x_hat.strides().vec()};
+    return {x_hat, std::move(x_like)};
   }
-  at::Tensor x_hat_c = x_hat.contiguous();
-  std::vector<int64_t> strides = x_hat_c.strides().vec();
-  return {std::move(x_hat_c), x.contiguous(), std::move(strides)};
+  return {x_hat.contiguous(), x.contiguous()};
 }
 
 void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,

@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
   check_gaussian_recon_loss(x_hat, x, reduction);
   at::Tensor loss = allocate_recon_loss(x_hat, reduction);
   const ReconOperands rows = recon_operands(x_hat, x);
-  at::Tensor grad_unit = save_grad_unit ? empty_output(x_hat.sizes(), rows.grad_strides, x_hat.options())
+  at::Tensor grad_unit = save_grad_unit ? empty_output(x_hat.sizes(), rows.x_hat.strides(), x_hat.options())
                                         : at::empty({0}, x_hat.options());
   const BatchLayout layout = batch_layout(x_hat);
   const double scale = reduction_scale(reduction, layout);
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
   check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
   const ReconOperands rows = recon_operands(x_hat, x);
   auto allocate_grad = [&](bool needed) {
-    return needed ? empty_output(x_hat.sizes(), rows.grad_strides, x_hat.options()) : at::empty({0}, x_hat.options());
+    return needed ? empty_output(x_hat.sizes(), rows.x_hat.strides(), x_hat.options()) : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
   const BatchLayout layout = batch_layout(x_hat);

@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
   const c10::cuda::CUDAGuard device_guard(x_hat.device());
   at::Tensor loss = allocate_recon_loss(x_hat, reduction);
   const ReconOperands rows = recon_operands(x_hat, x);
-  at::Tensor grad_unit = save_grad_unit ? at::empty_strided(x_hat.sizes(), rows.grad_strides, x_hat.options())
+  at::Tensor grad_unit = save_grad_unit ? at::empty_strided(x_hat.sizes(), rows.x_hat.strides(), x_hat.options())
                                         : at::empty({0}, x_hat.options());
   const BatchLayout layout = batch_layout(x_hat);
   if (layout.numel == 0) {  // empty: the reduction's identity, no kernel
@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(x_hat.device());
   const ReconOperands rows = recon_operands(x_hat, x);
   auto allocate_grad = [&](bool needed) {
-    return needed ? at::empty_strided(x_hat.sizes(), rows.grad_strides, x_hat.options())
+    return needed ? at::empty_strided(x_hat.sizes(), rows.x_hat.strides(), x_hat.options())
                   : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
