@@ -7,7 +7,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -241,23 +240,13 @@ at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction) {
 
 namespace {
 
-// Whether t's elements fill [data, data + numel) without gaps or overlaps, each sample a run of D
-// consecutive elements (the batch dim outermost). Size-1 dims are ignored (their stride is
-// arbitrary). fastelbo/ops.py (_recon_grad_strides) mirrors this test for the fake tensors.
+// Whether t's elements fill [data, data + numel) without gaps or overlaps (c10's
+// non-overlapping-and-dense test, which ignores the strides of size-1 dims), each sample a run of
+// D consecutive elements (the batch dim outermost). fastelbo/ops.py (_recon_grad_strides)
+// mirrors this test for the fake tensors, where the sizes may be symbolic.
 bool rows_in_memory_order(const at::Tensor& t) {
   if (t.is_contiguous()) return true;  // also every empty tensor
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
-  }
-  // Innermost first; equal strides (overlap: not dense) keep their dim order.
-  std::stable_sort(dims.begin(), dims.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  int64_t expected = 1;
-  for (const auto& [stride, size] : dims) {
-    if (stride != expected) return false;
-    expected *= size;
-  }
-  return t.size(0) == 1 || t.stride(0) * t.size(0) == t.numel();
+  return t.is_non_overlapping_and_dense() && (t.size(0) == 1 || t.stride(0) * t.size(0) == t.numel());
 }
 
 // Same strides in every dim of size > 1 (equal sizes checked by the caller).
