@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/strides.h>
 
 #include <sys/mman.h>
 
@@ -117,32 +118,21 @@ class BufferCache final : public c10::Allocator {
 
 }  // namespace
 
-namespace {
-
-// Whether an output of nbytes comes from the cache rather than at::empty.
-bool use_cache(size_t nbytes, const at::TensorOptions& options) {
+at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+  BufferCache& cache = BufferCache::instance();
+  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
   // Under the junk-fill flag (tests poisoning outputs) every output comes from c10's allocator,
   // which fills it with NaN; reused buffers would hold stale but plausible values instead.
-  return BufferCache::instance().enabled() && nbytes >= kMinCachedBytes &&
-         !FLAGS_caffe2_cpu_allocator_do_junk_fill && options.device().type() == c10::DeviceType::CPU;
+  if (!cache.enabled() || nbytes < kMinCachedBytes || FLAGS_caffe2_cpu_allocator_do_junk_fill ||
+      options.device().type() != c10::DeviceType::CPU) {
+    return at::empty_strided(sizes, strides, options);
+  }
+  return at::detail::empty_strided_generic(sizes, strides, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           c10::typeMetaToScalarType(options.dtype()));
 }
-
-}  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (!use_cache(nbytes, options)) return at::empty(sizes, options);
-  return at::detail::empty_generic(sizes, &BufferCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()),
-                                   c10::MemoryFormat::Contiguous);
-}
-
-at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
-  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (!use_cache(nbytes, options)) return at::empty_strided(sizes, strides, options);
-  return at::detail::empty_strided_generic(sizes, strides, &BufferCache::instance(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                           c10::typeMetaToScalarType(options.dtype()));
+  return empty_output(sizes, c10::contiguous_strides(sizes), options);
 }
 
 size_t cached_output_bytes() { return BufferCache::instance().cached_bytes(); }
