@@ -343,6 +343,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of CPU output buffers held for reuse (not in use by any tensor).");
   m.def("_empty_cpu_cache", &fastelbo::cpu::empty_output_cache,
         "Return the cached CPU output buffers to the system.");
+  m.def("_cpu_vector_paths_enabled", &fastelbo::cpu::cpu_vector_paths_enabled,
+        "Whether the CPU kernels may use their x86-64 vector paths (AVX2, F16C) where the processor "
+        "has them (see _set_cpu_vector_paths).");
+  m.def("_set_cpu_vector_paths", &fastelbo::cpu::set_cpu_vector_paths_enabled,
+        "Whether the CPU kernels may use their x86-64 vector paths (True, the default) or run the "
+        "portable scalar code that other processors run (False; for tests: values may differ in the "
+        "last bit). Returns the previous setting.");
   m.def("_cuda_clusters_enabled", &fastelbo::cuda_clusters_enabled,
         "Whether small CUDA grids may reduce inside a Hopper thread-block cluster (see _set_cuda_clusters).");
   m.def("_set_cuda_clusters", &fastelbo::set_cuda_clusters_enabled,

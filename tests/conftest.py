@@ -199,3 +199,16 @@ def junk_fill():
         yield setter
     finally:
         setter(False)
+
+
+@pytest.fixture(params=["vector", "portable"])
+def cpu_code_path(request):
+    """Runs a test twice: with the CPU kernels' x86-64 vector paths allowed (AVX2, F16C: taken where
+    the processor has them) and with the portable scalar code forced, which is all that processors
+    without AVX2 and other architectures (aarch64) run, so that the test suite checks it here too.
+    Yields the path's name; the setting is restored after the test. No effect on CUDA."""
+    previous = fastelbo._C._set_cpu_vector_paths(request.param == "vector")
+    try:
+        yield request.param
+    finally:
+        fastelbo._C._set_cpu_vector_paths(previous)

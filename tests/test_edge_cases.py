@@ -451,3 +451,37 @@ def test_cuda_cluster_switch_reads_the_environment():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-4:] == want, (value, out.stdout)
+
+
+def test_cpu_vector_path_switch():
+    """_set_cpu_vector_paths(False) really sends the CPU kernels down the portable scalar code
+    (what aarch64 and x86 without AVX2 run), and returns the previous setting. Where the processor
+    is x86-64 with AVX2, float32 normals of the two paths differ in the last bits of some elements
+    (SLEEF's vector log and sincos against libm's) and agree to float32 rounding; elsewhere there
+    is no vector path, so the switch changes nothing."""
+    import platform
+    _C = fastelbo._C
+    zeros = torch.zeros(64, 4096)
+
+    def draw():
+        torch.manual_seed(5)
+        z, _ = fastelbo.reparameterize_kl(zeros, zeros)  # z = eps
+        return z
+
+    assert _C._cpu_vector_paths_enabled()
+    vector = draw()
+    assert _C._set_cpu_vector_paths(False) is True
+    try:
+        assert not _C._cpu_vector_paths_enabled()
+        portable = draw()
+    finally:
+        assert _C._set_cpu_vector_paths(True) is False
+    assert torch.equal(draw(), vector)
+    has_avx2 = (platform.machine().lower() in ("x86_64", "amd64")
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if has_avx2:
+        differ = (vector != portable).sum().item()
+        assert 0 < differ < vector.numel() // 10, differ
+        torch.testing.assert_close(vector, portable, rtol=3e-6, atol=3e-6)
+    else:
+        assert torch.equal(vector, portable)

@@ -209,7 +209,7 @@ def test_loss_step_runs_no_fill_or_copy_over_the_data(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_16bit_gradients_are_the_float_values_rounded_once(device, dtype, x_grad):
+def test_16bit_gradients_are_the_float_values_rounded_once(device, dtype, x_grad, cpu_code_path):
     """16-bit gradients are the float32 values grad_rec * (x_hat - x) rounded once to the dtype,
     bit for bit, for every element wherever it sits in a block (1037 elements: partial vectors and
     blocks), including differences that overflow the dtype, land among its subnormals or are NaN.

@@ -223,7 +223,7 @@ def test_activation_checkpointing_recomputes_the_same_draw(device, use_reentrant
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
-def test_manual_seed_reproduces_bit_for_bit(device, dtype):
+def test_manual_seed_reproduces_bit_for_bit(device, dtype, cpu_code_path):
     mu, logvar = sample_inputs((6, 11), dtype, device, seed=3, with_eps=False)
     results = []
     for _ in range(2):
@@ -278,7 +278,7 @@ def test_generator_argument_is_used(device):
     assert (z_default != z_a).float().mean() > 0.9
 
 
-def test_thread_count_independence(device, restore_num_threads):
+def test_thread_count_independence(device, restore_num_threads, cpu_code_path):
     """Bit-identical z, kl, gradients and recon loss under 1, 2 and 3 threads, at a size with
     several 16384-element tasks per row (the CPU kernels' chunks) and above the 32768-element
     parallel threshold."""
@@ -313,7 +313,7 @@ def test_thread_count_independence(device, restore_num_threads):
 
 
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_short_samples_over_several_tasks(device, restore_num_threads, reduction):
+def test_short_samples_over_several_tasks(device, restore_num_threads, reduction, cpu_code_path):
     """(3000, 7) float32: on the CPU short samples are grouped into tasks of whole samples (2340 per
     task here: three tasks, so several threads). Per-sample KL and recon, z and the gradients
     agree with float64 math on the same eps, and are bit-identical under 1, 2 and 3 threads."""
@@ -352,7 +352,7 @@ def test_short_samples_over_several_tasks(device, restore_num_threads, reduction
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
-def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype):
+def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype, cpu_code_path):
     """z and the per-element gradients of one draw are bit-identical whatever the reduction (the
     CPU kernels cut the work per sample for "none" and free bits, per tensor otherwise) and however
     the same elements are split into samples ((8, 37) against (1, 296) and (37, 8)): an element's
@@ -379,7 +379,7 @@ def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 23), (3, 70), (2, 16389)])
-def test_float32_normals_match_float64_stream(shape):
+def test_float32_normals_match_float64_stream(shape, cpu_code_path):
     """The float32 CPU normals (vectorized Box-Muller where AVX2 is available, including partial
     batches of Philox groups at row ends) are the float64 normals of the same (seed, offset) to
     float32 accuracy: same counter layout, lanes and transform. eps is read back through the

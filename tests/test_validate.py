@@ -11,7 +11,7 @@ from conftest import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_validate_command_passes(capsys, device):
+def test_validate_command_passes(capsys, device, cpu_code_path):
     code = cli.main(["validate", "--device", device])
     out = capsys.readouterr().out
     assert code == 0, out

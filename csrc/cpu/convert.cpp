@@ -4,26 +4,30 @@
 // built for baseline x86-64, without F16C), which made the float16 recon backward 26x slower than
 // float32 at (8, 65536) (2.7 ms against 0.1 ms) and bfloat16 3x slower. Here half uses the F16C
 // instructions and bfloat16 AVX2 integer operations where the processor has them (runtime
-// checks), c10's scalar conversions elsewhere.
+// checks; compiled only on x86-64), c10's scalar conversions elsewhere.
 //
 // Bits: the same as static_cast for every value that is not a NaN (IEEE round to nearest even,
 // subnormals and overflow included; bfloat16 with c10's rounding formula). A NaN stays a NaN,
 // its payload may differ. Every element goes through the same instructions wherever it sits in
 // the block (a partial vector is padded), so a value never depends on the block's alignment.
-#include <immintrin.h>
-
 #include <cstdint>
 #include <cstring>
 
 #include "cpu_common.h"
 
+#if FASTELBO_X86_64
+#include <immintrin.h>
+#endif
+
 namespace fastelbo {
 namespace cpu {
 namespace {
 
+#if FASTELBO_X86_64
+
 bool use_f16c() {
   static const bool available = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return available;
+  return available && cpu_vector_paths_enabled();
 }
 
 __attribute__((target("avx,f16c"))) void half_to_float_f16c(const at::Half* in, int64_t n, float* out) {
@@ -59,7 +63,7 @@ __attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* in, int
 
 bool use_avx2() {
   static const bool available = __builtin_cpu_supports("avx2");
-  return available;
+  return available && cpu_vector_paths_enabled();
 }
 
 // bfloat16 is the high half of a float: widening is exact.
@@ -106,24 +110,42 @@ __attribute__((target("avx2"))) void float_to_bfloat16_avx2(const float* in, int
   }
 }
 
-// The vectorized conversion where the processor has its instructions, else c10's per element.
+#endif  // FASTELBO_X86_64
+
+// c10's conversion, element by element: where the processor lacks the instructions above.
 template <typename From, typename To>
-void convert(bool vectorized_available, void (*vectorized)(const From*, int64_t, To*), const From* in, int64_t n,
-             To* out) {
-  if (vectorized_available) {
-    vectorized(in, n, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
-  }
+void convert_each(const From* in, int64_t n, To* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
 }
 
 }  // namespace
 
-void to_float(const at::Half* in, int64_t n, float* out) { convert(use_f16c(), &half_to_float_f16c, in, n, out); }
-void from_float(const float* in, int64_t n, at::Half* out) { convert(use_f16c(), &float_to_half_f16c, in, n, out); }
-void to_float(const at::BFloat16* in, int64_t n, float* out) { convert(use_avx2(), &bfloat16_to_float_avx2, in, n, out); }
+void to_float(const at::Half* in, int64_t n, float* out) {
+#if FASTELBO_X86_64
+  if (use_f16c()) return half_to_float_f16c(in, n, out);
+#endif
+  convert_each(in, n, out);
+}
+
+void from_float(const float* in, int64_t n, at::Half* out) {
+#if FASTELBO_X86_64
+  if (use_f16c()) return float_to_half_f16c(in, n, out);
+#endif
+  convert_each(in, n, out);
+}
+
+void to_float(const at::BFloat16* in, int64_t n, float* out) {
+#if FASTELBO_X86_64
+  if (use_avx2()) return bfloat16_to_float_avx2(in, n, out);
+#endif
+  convert_each(in, n, out);
+}
+
 void from_float(const float* in, int64_t n, at::BFloat16* out) {
-  convert(use_avx2(), &float_to_bfloat16_avx2, in, n, out);
+#if FASTELBO_X86_64
+  if (use_avx2()) return float_to_bfloat16_avx2(in, n, out);
+#endif
+  convert_each(in, n, out);
 }
 
 }  // namespace cpu

@@ -26,6 +26,23 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at
 size_t cached_output_bytes();  // bytes held by the cache, not in use
 void empty_output_cache();     // returns the cached buffers to the system
 
+// The AVX2 and F16C paths below exist only on x86-64, chosen at run time by what the processor
+// has. Elsewhere (aarch64: AWS Graviton, NVIDIA Grace in a GH200) only the portable scalar code is
+// compiled: the same formulas, possibly different last bits than the vector path.
+#if defined(__x86_64__) || defined(_M_X64)
+#define FASTELBO_X86_64 1
+#else
+#define FASTELBO_X86_64 0
+#endif
+
+// Whether the kernels may take those vector paths where the processor has them (the default).
+// Off, every block runs the portable scalar code that processors without AVX2 / F16C and other
+// architectures run, so that the tests check that code on x86-64 too. The two paths can differ
+// in the last bit of std and eps (different exp, log, sincos). Not to be switched while an op
+// runs. set_cpu_vector_paths_enabled returns the previous setting.
+bool cpu_vector_paths_enabled();
+bool set_cpu_vector_paths_enabled(bool enabled);
+
 // Vectorized helpers (vector_math.cpp: AVX2 where available, else elbo_math.h's scalar functions).
 // std[i] = exp(logvar[i] / 2) for i < n.
 void posterior_std_block(const float* logvar, int64_t n, float* std);

@@ -7,13 +7,15 @@
 // and the transform of csrc/elbo_math.h) with SLEEF's 1-ulp vector log and sincos, which
 // libtorch_cpu ships; the result can differ from the scalar path in the last bit. The symbols
 // are declared weak, so a torch without them falls back to the scalar path instead of failing
-// to load.
-#include <immintrin.h>
-
+// to load. Only on x86-64: elsewhere the scalar path is all there is.
+#include <atomic>
 #include <cstdint>
 
 #include "../elbo_math.h"
 #include "cpu_common.h"
+
+#if FASTELBO_X86_64
+#include <immintrin.h>
 
 namespace {
 
@@ -29,17 +31,21 @@ __attribute__((weak, target("avx2,fma"))) __m256 Sleef_logf8_u10avx2(__m256);
 __attribute__((weak, target("avx2,fma"))) SleefFloat8Pair Sleef_sincosf8_u10avx2(__m256);
 __attribute__((weak, target("avx2,fma"))) __m256 Sleef_expf8_u10avx2(__m256);
 }
+#endif  // FASTELBO_X86_64
 
 namespace fastelbo {
 namespace cpu {
 namespace {
 
-bool use_avx2() {
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                &Sleef_logf8_u10avx2 != nullptr &&
-                                &Sleef_sincosf8_u10avx2 != nullptr && &Sleef_expf8_u10avx2 != nullptr;
-  return available;
-}
+std::atomic<bool> vector_paths_enabled{true};
+
+}  // namespace
+
+bool cpu_vector_paths_enabled() { return vector_paths_enabled.load(std::memory_order_relaxed); }
+
+bool set_cpu_vector_paths_enabled(bool enabled) { return vector_paths_enabled.exchange(enabled); }
+
+namespace {
 
 template <typename acc_t>
 void fill_scalar(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, acc_t* out) {
@@ -47,6 +53,14 @@ void fill_scalar(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t c
     const math::Normal4<acc_t> n = math::normal_group<acc_t>(seed, stream, first_group + g);
     for (int l = 0; l < 4; ++l) out[4 * g + l] = n.v[l];
   }
+}
+
+#if FASTELBO_X86_64
+bool use_avx2() {
+  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                &Sleef_logf8_u10avx2 != nullptr &&
+                                &Sleef_sincosf8_u10avx2 != nullptr && &Sleef_expf8_u10avx2 != nullptr;
+  return available && cpu_vector_paths_enabled();
 }
 
 // Exactly uniform_open01<float>: the uint32 rounded once to float (as the sum of its exactly
@@ -147,15 +161,15 @@ __attribute__((target("avx2,fma"))) void posterior_std_avx2(const float* logvar,
     for (int64_t j = 0; i + j < n; ++j) std[i + j] = out[j];
   }
 }
+#endif  // FASTELBO_X86_64
 
 }  // namespace
 
 void posterior_std_block(const float* logvar, int64_t n, float* std) {
-  if (use_avx2()) {
-    posterior_std_avx2(logvar, n, std);
-  } else {
-    for (int64_t i = 0; i < n; ++i) std[i] = math::posterior_std(logvar[i]);
-  }
+#if FASTELBO_X86_64
+  if (use_avx2()) return posterior_std_avx2(logvar, n, std);
+#endif
+  for (int64_t i = 0; i < n; ++i) std[i] = math::posterior_std(logvar[i]);
 }
 
 void posterior_std_block(const double* logvar, int64_t n, double* std) {
@@ -163,11 +177,10 @@ void posterior_std_block(const double* logvar, int64_t n, double* std) {
 }
 
 void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, float* out) {
-  if (use_avx2()) {
-    fill_avx2(seed, stream, first_group, count, out);
-  } else {
-    fill_scalar<float>(seed, stream, first_group, count, out);
-  }
+#if FASTELBO_X86_64
+  if (use_avx2()) return fill_avx2(seed, stream, first_group, count, out);
+#endif
+  fill_scalar<float>(seed, stream, first_group, count, out);
 }
 
 void fill_normal_groups(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, double* out) {
