@@ -26,10 +26,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at
 size_t cached_output_bytes();  // bytes held by the cache, not in use
 void empty_output_cache();     // returns the cached buffers to the system
 
-// The AVX2 and F16C paths below exist only on x86-64, chosen at run time by what the processor
-// has. Elsewhere (aarch64: AWS Graviton, NVIDIA Grace in a GH200) only the portable scalar code is
-// compiled: the same formulas, possibly different last bits than the vector path.
-#if defined(__x86_64__) || defined(_M_X64)
+// The AVX2 and F16C paths below exist only on x86-64 (written for GCC and Clang: target
+// attributes, __builtin_cpu_supports), chosen at run time by what the processor has. Elsewhere
+// (aarch64: AWS Graviton, NVIDIA Grace in a GH200) only the portable scalar code is compiled:
+// the same formulas, possibly different last bits than the vector path.
+#if defined(__x86_64__)
 #define FASTELBO_X86_64 1
 #else
 #define FASTELBO_X86_64 0
