@@ -35,6 +35,14 @@ def _reduction_code(reduction, function):
 def _check_tensor(value, name, function):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    # The kernels read dense memory. Without this check a sparse tensor fails in the dispatcher
+    # ("Could not run ... with arguments from the 'SparseCPU' backend") and a nested one inside
+    # torch ("NestedTensorImpl doesn't support sizes"), neither naming the argument.
+    if value.is_nested:
+        raise TypeError(f"{function}: {name} must be a dense (strided) tensor, got a nested tensor")
+    if value.layout != torch.strided:
+        raise TypeError(f"{function}: {name} must be a dense (strided) tensor, got layout {value.layout} "
+                        f"(.to_dense() converts it)")
 
 
 def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_samples=1,
@@ -60,7 +68,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
       eps: optional tensor of z's shape and mu's dtype used instead of drawing (validation,
         gradcheck). It is not differentiated: it must not require grad.
 
-    Raises TypeError (non-floating or mismatched dtypes), ValueError (shapes, reduction,
+    Raises TypeError (non-floating or mismatched dtypes, sparse or nested tensors), ValueError (shapes, reduction,
     num_samples < 1, free_bits < 0, free_bits with "none"), RuntimeError (different devices),
     all before any kernel runs.
     """

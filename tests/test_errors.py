@@ -78,6 +78,10 @@ def _reparam_cases():
         ("logvar_device_meta", lambda mu, lv: dict(logvar=lv.detach().to("meta")), RuntimeError, ["logvar", "meta"]),
         ("mu_device_meta", lambda mu, lv: dict(mu=mu.detach().to("meta")), RuntimeError, ["mu", "meta"]),
         ("eps_device_meta", lambda mu, lv: dict(eps=torch.zeros(3, 4, device="meta")), RuntimeError, ["eps", "meta"]),
+        ("mu_sparse", lambda mu, lv: dict(mu=mu.detach().to_sparse()), TypeError, ["mu", "dense", "sparse_coo"]),
+        ("logvar_sparse", lambda mu, lv: dict(logvar=lv.detach().to_sparse()), TypeError, ["logvar", "dense"]),
+        ("eps_sparse", lambda mu, lv: dict(eps=torch.zeros(3, 4, device=mu.device).to_sparse()), TypeError,
+         ["eps", "dense"]),
     ]
 
 
@@ -116,6 +120,10 @@ def _recon_cases():
         ("x_not_tensor", lambda xh, x: dict(x=1.0), TypeError, ["x"]),
         ("x_device_meta", lambda xh, x: dict(x=x.to("meta")), RuntimeError, ["x", "meta"]),
         ("x_hat_device_meta", lambda xh, x: dict(x_hat=xh.detach().to("meta")), RuntimeError, ["x_hat", "meta"]),
+        ("x_hat_sparse", lambda xh, x: dict(x_hat=xh.detach().to_sparse()), TypeError, ["x_hat", "dense", "sparse"]),
+        ("x_sparse", lambda xh, x: dict(x=x.to_sparse()), TypeError, ["x", "dense", "sparse"]),
+        ("x_nested", lambda xh, x: dict(x=torch.nested.nested_tensor(list(x), layout=torch.jagged)), TypeError,
+         ["x", "dense", "nested"]),
     ]
 
 
