@@ -61,7 +61,7 @@ cp -u "$WHEELS"/*.whl "$ROOT/wheels/"
 TREE=$ROOT/fastelbo
 rm -rf "$TREE" && mkdir -p "$TREE"
 git ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$TREE")
-TORCH_DIR=$(echo "$ROOT$VENV"/lib/python3.11/site-packages/torch)
+TORCH_DIR=$ROOT$VENV/lib/python3.11/site-packages/torch
 PYINC=$WORK/python-include  # pyconfig.h includes <aarch64-linux-gnu/python3.11/pyconfig.h>
 mkdir -p "$PYINC" && ln -sfn "$ROOT/usr/include/aarch64-linux-gnu" "$PYINC/aarch64-linux-gnu"
 OBJ=$WORK/obj

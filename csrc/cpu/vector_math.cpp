@@ -37,15 +37,7 @@ namespace fastelbo {
 namespace cpu {
 namespace {
 
-std::atomic<bool> vector_paths_enabled{true};
-
-}  // namespace
-
-bool cpu_vector_paths_enabled() { return vector_paths_enabled.load(std::memory_order_relaxed); }
-
-bool set_cpu_vector_paths_enabled(bool enabled) { return vector_paths_enabled.exchange(enabled); }
-
-namespace {
+std::atomic<bool> vector_paths_enabled{true};  // cpu_vector_paths_enabled(), below
 
 template <typename acc_t>
 void fill_scalar(uint64_t seed, uint64_t stream, uint64_t first_group, int64_t count, acc_t* out) {
@@ -164,6 +156,10 @@ __attribute__((target("avx2,fma"))) void posterior_std_avx2(const float* logvar,
 #endif  // FASTELBO_X86_64
 
 }  // namespace
+
+bool cpu_vector_paths_enabled() { return vector_paths_enabled.load(std::memory_order_relaxed); }
+
+bool set_cpu_vector_paths_enabled(bool enabled) { return vector_paths_enabled.exchange(enabled); }
 
 void posterior_std_block(const float* logvar, int64_t n, float* std) {
 #if FASTELBO_X86_64
