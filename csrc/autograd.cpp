@@ -8,6 +8,7 @@
 // Under torch.compile the same code runs on fake tensors: AOTAutograd traces the forward op and,
 // through these nodes, the backward op (both have fake implementations in fastelbo/ops.py).
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -23,15 +24,17 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Whether t is a real CPU number equal to 1 (reading it then costs no device sync). Under tracing
-// (fake, functional or symbolic-shape tensors: torch.compile, opcheck) its value is unknown: no.
-bool is_cpu_one(const at::Tensor& t) {
+// Whether t is a tensor under tracing (fake, functional or symbolic-shape: torch.compile, opcheck),
+// whose values are unknown.
+bool is_traced(const at::Tensor& t) {
   const c10::DispatchKeySet keys = t.key_set();
-  if (!t.is_cpu() || keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize) ||
-      t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
-    return false;
-  }
-  return t.numel() == 1 && t.item<double>() == 1.0;
+  return keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Functionalize) ||
+         t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+// Whether t is a real CPU number equal to 1 (reading it then costs no device sync).
+bool is_cpu_one(const at::Tensor& t) {
+  return t.is_cpu() && !is_traced(t) && t.numel() == 1 && t.item<double>() == 1.0;
 }
 
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
@@ -144,9 +147,15 @@ ReparamKLResult reparameterize_kl_autograd(const at::Tensor& mu, const at::Tenso
 
 // ---- gaussian_recon_loss ------------------------------------------------------------------------
 
-// The reduced 1/2 ||x_hat - x||^2. save_grad_unit (CPU; fastelbo.gaussian_recon_loss decides):
-// the forward also wrote scale * (x_hat - x), the gradient for an incoming gradient of exactly 1,
-// and the backward of the usual loss.backward() hands it back with no pass over memory.
+// The reduced 1/2 ||x_hat - x||^2. save_grad_unit (fastelbo.gaussian_recon_loss decides): the
+// forward also wrote scale * (x_hat - x), the gradient for an incoming gradient of exactly 1, and
+// the backward of the usual loss.backward() hands it back with no pass over memory. On the CPU
+// the backward sees that the incoming gradient is 1; on a GPU it cannot without a sync, so
+// gaussian_recon_loss_finish_grad_ decides on the device, writing into the saved buffer, which
+// it may do only when the graph is freed after this backward (no retain_graph: no later backward
+// reads the buffer again). Not under tracing: a compiled graph would have to functionalize the
+// write into a tensor that is also an output of the forward (AOTAutograd refuses that graph);
+// the plain backward op gives the same values.
 struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReconLossFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& x,
                                int64_t reduction, bool save_grad_unit) {
@@ -167,6 +176,7 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     const at::Tensor &x_hat = saved[0], &x = saved[1], &grad_unit = saved[2];
     const at::Tensor& grad_loss = grad_outputs[0];
     const bool need_x_hat = ctx->needs_input_grad(0), need_x = ctx->needs_input_grad(1);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
     variable_list grads(2);
     if (!grad_loss.defined()) {  // the loss was not used: no gradient
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -174,11 +184,17 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     if (grad_unit.defined() && is_cpu_one(grad_loss)) {
       grads[0] = grad_unit;
       if (need_x) grads[1] = -grad_unit;
+    } else if (grad_unit.defined() && !need_x && reduction != kNone && !is_traced(grad_loss) &&
+               !torch::autograd::get_current_graph_task_keep_graph()) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      static const auto op = typed_op<GaussianReconLossFinishGradOp>("fastelbo::gaussian_recon_loss_finish_grad_");
+      op.call(grad_unit, grad_loss, x_hat, x, reduction);
+      grads[0] = grad_unit;
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       static const auto op = typed_op<GaussianReconLossBackwardOp>("fastelbo::gaussian_recon_loss_backward");
       std::tie(grads[0], grads[1]) = op.call(
-          grad_loss, x_hat, x, ctx->saved_data["reduction"].toInt(), need_x_hat, need_x);
+          grad_loss, x_hat, x, reduction, need_x_hat, need_x);
     }
     if (!need_x_hat) grads[0] = at::Tensor();
     if (!need_x) grads[1] = at::Tensor();

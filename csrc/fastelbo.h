@@ -86,6 +86,20 @@ ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x);
 
 void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
                                         const at::Tensor& x, int64_t reduction);
+// Also for gaussian_recon_loss_finish_grad_ (schema in csrc/ops.cpp), after that check: a reduced
+// loss, and grad_unit laid out like x_hat's gradient (rows = recon_operands(x_hat, x)).
+void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
+                                            const at::Tensor& x_hat, const ReconOperands& rows,
+                                            int64_t reduction);
+// How gaussian_recon_loss_finish_grad_ turns a prepared gradient of this dtype into the one for
+// an incoming gradient g other than 1: float32/float64 buffers are multiplied by g in place (one
+// read and write of the buffer; within the last bit of the gradient computed from x_hat and x);
+// 16-bit ones are computed anew from x_hat and x (multiplying a rounded 16-bit value would round
+// twice, and float16 values may have lost their low bits among the subnormals that a loss scale
+// avoids).
+inline bool scales_prepared_grad(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble;
+}
 
 // ---- CUDA switches --------------------------------------------------------------------------
 // Whether the CUDA forward kernels combine the per-block sums of a small grid inside one Hopper

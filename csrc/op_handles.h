@@ -1,4 +1,4 @@
-// Typed dispatcher handles of fastelbo's four ops, for the kernels that call an op back through the
+// Typed dispatcher handles of fastelbo's ops, for the kernels that call an op back through the
 // dispatcher below their own key (csrc/autograd.cpp at Autograd, csrc/autocast.cpp at Autocast).
 // The signatures are the C++ forms of the schemas in csrc/ops.cpp.
 #pragma once
@@ -23,6 +23,8 @@ using ReparamKLBackwardOp = TensorPair(const std::optional<at::Tensor>&, const s
 using GaussianReconLossOp = TensorPair(const at::Tensor&, const at::Tensor&, int64_t, bool);
 using GaussianReconLossBackwardOp = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                                bool, bool);
+using GaussianReconLossFinishGradOp = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t);
 
 // The typed dispatcher handle of op `name` ("fastelbo::..."); callers keep it in a static.
 template <typename Signature>

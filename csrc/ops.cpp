@@ -287,6 +287,23 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
   }
 }
 
+void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
+                                            const at::Tensor& x_hat, const ReconOperands& rows,
+                                            int64_t reduction) {
+  constexpr const char* op = "gaussian_recon_loss_finish_grad_";
+  TORCH_CHECK_VALUE(reduction != kNone, op, ": reduction 'none' is not supported (the forward prepares ",
+                    "no gradient for it)");
+  check_same_dtype(op, "grad_unit", grad_unit, "x_hat", x_hat);
+  check_same_device(op, "grad_unit", grad_unit, "x_hat", x_hat);
+  check_same_shape(op, "grad_unit", grad_unit.sizes(), "x_hat", x_hat.sizes());
+  // The kernels write it as B rows of D elements in the order they read x_hat: the layout the
+  // forward gave it (csrc/ops.cpp, recon_operands).
+  TORCH_CHECK_VALUE(grad_unit.numel() == 0 || (grad_unit.is_non_overlapping_and_dense() &&
+                                               grad_unit.strides() == rows.x_hat.strides()),
+                    op, ": grad_unit must have the layout of the gradient the forward wrote (strides ",
+                    shape_str(rows.x_hat.strides()), "), got strides ", shape_str(grad_unit.strides()));
+}
+
 }  // namespace fastelbo
 
 // The schemas. The sampling op takes the generator itself and is tagged nondeterministic_seeded,
@@ -309,6 +326,15 @@ TORCH_LIBRARY(fastelbo, m) {
   m.def(
       "gaussian_recon_loss_backward(Tensor grad_loss, Tensor x_hat, Tensor x, int reduction, "
       "bool need_grad_x_hat, bool need_grad_x) -> (Tensor grad_x_hat, Tensor grad_x)");
+  // The backward when the forward wrote grad_unit (the x_hat gradient for an incoming gradient of
+  // exactly 1; save_grad_unit): turns it into the x_hat gradient for grad_loss, in place. It is
+  // left as it is when grad_loss is 1 (the usual loss.backward()): on a GPU the kernel reads
+  // grad_loss and returns at once, so that backward costs no pass over memory and no host sync.
+  // Otherwise float32/float64 buffers are multiplied by grad_loss and 16-bit ones overwritten
+  // with what gaussian_recon_loss_backward gives (csrc/fastelbo.h, scales_prepared_grad).
+  m.def(
+      "gaussian_recon_loss_finish_grad_(Tensor(a!) grad_unit, Tensor grad_loss, Tensor x_hat, Tensor x, "
+      "int reduction) -> ()");
 }
 
 // c10's CPU allocator flag: when set, new CPU allocations are filled with a junk pattern (NaN for

@@ -29,6 +29,10 @@ pass adds the summed kernel time and the kernel launches per step.
 Byte floor (the bytes a loss step cannot avoid moving), N = B*Z latent elements, M = B*D data elements, s bytes per element:
 fwd+bwd (8N + 5M) s, fwd (3N + 2M) s; `floor_fraction` = (floor bytes / copy bandwidth) / step time,
 with the copy bandwidth (bytes read + written by a large tensor copy) measured in the same run.
+(DESIGN.md's floor. fastelbo goes below it in fwd+bwd: its recon forward also writes the x_hat
+gradient, which the backward of loss.backward() then hands back, so recon moves 3M s instead of
+5M s, and its "fwd" step moves M s more than the fwd floor. FASTELBO_GRAD_IN_FORWARD=0 turns
+that off; README, API.)
 
 Exit codes: 0 all requested providers validated and measured (cases that would not fit in memory
 are skipped, and say so); 1 at least one provider was refused or a case failed with an error (the

@@ -13,6 +13,7 @@ gradients come back in the input dtype; losses in float32 for float16/bfloat16 i
 input dtype.
 """
 import numbers
+import os
 
 import torch
 
@@ -21,6 +22,14 @@ from .ops import REDUCTIONS
 # The overloads themselves (one attribute lookup less per call than the packets).
 _reparameterize_kl = torch.ops.fastelbo.reparameterize_kl.default
 _gaussian_recon_loss = torch.ops.fastelbo.gaussian_recon_loss.default
+
+
+# Whether gaussian_recon_loss's forward also writes the x_hat gradient for an incoming gradient of
+# 1 when x_hat requires grad, so that the usual loss.backward() costs no pass over memory (the
+# gradient buffer is then allocated in the forward instead of the backward). Off with
+# FASTELBO_GRAD_IN_FORWARD=0 in the environment at import: the backward then reads x_hat and x
+# again (the memory floor of DESIGN.md section 3), e.g. to time one way against the other.
+_GRAD_IN_FORWARD = os.environ.get("FASTELBO_GRAD_IN_FORWARD", "1") != "0"
 
 
 def _reduction_code(reduction, function):
@@ -99,12 +108,16 @@ def gaussian_recon_loss(x_hat, x, *, reduction="batchmean"):
     code = _reduction_code(reduction, "gaussian_recon_loss")
     _check_tensor(x_hat, "x_hat", "gaussian_recon_loss")
     _check_tensor(x, "x", "gaussian_recon_loss")
-    # On the CPU, reading the incoming gradient is free, so the forward can prepare the gradient
-    # of the usual loss.backward() (incoming gradient 1) in the same pass (csrc/autograd.cpp).
+    # The forward prepares the gradient of the usual loss.backward() (incoming gradient 1) in the
+    # same pass; the backward hands it back, or recomputes it for another incoming gradient
+    # (csrc/autograd.cpp). On a GPU only when x needs no gradient: the backward then always
+    # recomputes, and the prepared gradient would be wasted. Not under torch.compile, which
+    # traces the plain backward op.
     save_grad_unit = (
-        code != REDUCTIONS["none"]
+        _GRAD_IN_FORWARD
+        and code != REDUCTIONS["none"]
         and x_hat.requires_grad
-        and x_hat.device.type == "cpu"
+        and (x_hat.device.type == "cpu" or (x_hat.device.type == "cuda" and not x.requires_grad))
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     )

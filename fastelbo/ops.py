@@ -1,7 +1,8 @@
 """The compiled ops, torch.ops.fastelbo.*, and their fake implementations.
 
 Four ops: reparameterize_kl and gaussian_recon_loss (forward), reparameterize_kl_backward and
-gaussian_recon_loss_backward. The dispatcher picks the CPU or CUDA kernel; arguments are validated
+gaussian_recon_loss_backward; and gaussian_recon_loss_finish_grad_, the reconstruction's backward
+when its forward already wrote the gradient for an incoming gradient of 1 (csrc/ops.cpp). The dispatcher picks the CPU or CUDA kernel; arguments are validated
 in the compiled ops, before any kernel runs. Autograd is compiled too: the two forward ops have an
 Autograd-key kernel (csrc/autograd.cpp), a C++ torch::autograd::Function each, whose backward calls
 the backward op and refuses double backward with a clear RuntimeError. So calling the forward op on
@@ -103,6 +104,11 @@ def _gaussian_recon_loss_backward_fake(grad_loss, x_hat, x, reduction, need_grad
     def grad(needed):
         return _recon_grad_like(x_hat) if needed else x_hat.new_empty((0,))
     return grad(need_grad_x_hat), grad(need_grad_x)
+
+
+@torch.library.register_fake("fastelbo::gaussian_recon_loss_finish_grad_")
+def _gaussian_recon_loss_finish_grad_fake(grad_unit, grad_loss, x_hat, x, reduction):
+    return None  # writes into grad_unit, returns nothing
 
 
 # ---- The fused ops as torch.autograd.Function subclasses ------------------------------------

@@ -72,6 +72,21 @@ def test_opcheck_gaussian_recon_loss(device, reduction, dtype):
         opcheck(ops.gaussian_recon_loss_backward, (grad_loss, x_hat, x, code, *need))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_opcheck_gaussian_recon_loss_finish_grad(device, reduction, layout):
+    """The in-place backward (the schema declares its write into grad_unit), for an incoming
+    gradient of 1 (the buffer left as it is) and of another value (overwritten)."""
+    code = REDUCTIONS[reduction]
+    x_hat, x = recon_inputs((3, 4, 5, 2), torch.float32, device, seed=stable_seed("ocf", reduction, layout),
+                            x_hat_grad=False)
+    if layout == "channels_last":
+        x_hat, x = (t.contiguous(memory_format=torch.channels_last) for t in (x_hat, x))
+    for value in (1.0, 2.5):
+        _, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
+        opcheck(ops.gaussian_recon_loss_finish_grad_, (grad_unit, torch.tensor(value, device=device), x_hat, x, code))
+
+
 @pytest.mark.parametrize("layouts", ["both_channels_last", "x_hat_channels_last", "batch_of_one"])
 def test_opcheck_gaussian_recon_loss_layouts(device, layouts):
     """The fake implementations give the gradients the strides the kernels give them: x_hat's

@@ -458,6 +458,26 @@ def test_at_most_four_kernels_per_step():
     assert len(ours) == 4, f"expected 4 fastelbo kernels, got {ours} (all: {names})"
 
 
+@pytest.mark.parametrize("weight", [1.0, 3.0], ids=["loss.backward()", "scaled"])
+def test_loss_step_never_waits_for_the_device(weight):
+    """A training step (forward, loss.backward()) makes no host-device sync: torch's sync debug
+    mode raises on any (e.g. reading the incoming gradient of the recon op on the host to see
+    whether it is 1, which the backward decides on the device instead)."""
+    B, D, Z = 16, 300, 20
+    mu, logvar = randn((B, Z), seed=1).requires_grad_(), randn((B, Z), seed=2).requires_grad_()
+    x_hat, x = randn((B, D), seed=3).requires_grad_(), randn((B, D), seed=4)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z, kl = fastelbo.reparameterize_kl(mu, logvar)
+        rec = fastelbo.gaussian_recon_loss(x_hat, x)
+        (weight * (rec + kl + z.sum())).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = weight * (x_hat - x).detach() / B
+    torch.testing.assert_close(x_hat.grad, want, rtol=1e-6, atol=0)
+
+
 # ---- small grids: one Hopper thread-block cluster instead of the ticket ----------------------
 
 @pytest.fixture

@@ -182,10 +182,12 @@ def test_recon_sum_accuracy_one_large_term(device, dtype):
     assert_close_fp64(loss, loss_same, loss64, "loss")
 
 
-def test_loss_step_runs_no_fill_or_copy_over_the_data(device):
+@pytest.mark.parametrize("weight", [1.0, 3.0], ids=["loss.backward()", "scaled"])
+def test_loss_step_runs_no_fill_or_copy_over_the_data(device, weight):
     """A training step through both ops does no x_hat-sized fill, zero or copy besides the fused
     kernels: autograd must not materialize a zero gradient for the recon op's grad_unit output (it
-    did once, costing a pass over x_hat per step), nor copy the gradient it hands over."""
+    did once, costing a pass over x_hat per step), nor copy the gradient it hands over (the
+    prepared buffer, finished in place when the incoming gradient is not 1)."""
     x_hat = torch.randn(64, 300, device=device, requires_grad=True)
     x = torch.randn(64, 300, device=device)
     mu = torch.randn(64, 20, device=device, requires_grad=True)
@@ -194,7 +196,7 @@ def test_loss_step_runs_no_fill_or_copy_over_the_data(device):
     def step():
         x_hat.grad = mu.grad = logvar.grad = None
         z, kl = fastelbo.reparameterize_kl(mu, logvar)
-        (fastelbo.gaussian_recon_loss(x_hat, x) + kl + z.sum()).backward()
+        (weight * (fastelbo.gaussian_recon_loss(x_hat, x) + kl + z.sum())).backward()
 
     step()
     with torch.profiler.profile(record_shapes=True) as prof:
@@ -321,3 +323,136 @@ def test_other_layouts_are_copied(device, case):
     assert copies != []
     if case != "batch_inner":  # x alone: one copy (contiguous + clone + copy_ count as one pass)
         assert [name for name, _ in copies].count("aten::copy_") == 1
+
+
+# ---- the gradient prepared in the forward ---------------------------------------------------------
+# When x_hat requires grad, gaussian_recon_loss's forward also writes grad_unit, the x_hat gradient
+# for an incoming gradient of 1, and the backward hands it back (CPU, which sees the 1) or runs
+# gaussian_recon_loss_finish_grad_ on it (which, on a GPU, returns at once on the device when the
+# incoming gradient is 1, else overwrites the buffer). csrc/autograd.cpp picks the path.
+_ops = torch.ops.fastelbo
+FINISH_LAYOUTS = {
+    "3x7": ((3, 7), lambda t: t),
+    "16x33": ((16, 33), lambda t: t),
+    "8x1030": ((8, 1030), lambda t: t),
+    "channels_last": ((4, 3, 5, 6), lambda t: t.contiguous(memory_format=torch.channels_last)),
+}
+
+
+@pytest.mark.parametrize("layout", list(FINISH_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_finish_grad_op(device, reduction, dtype, layout):
+    """grad_unit is, bit for bit, the backward op's x_hat gradient for an incoming gradient of 1.
+    finish_grad_ leaves the buffer alone for 1 (one filled with NaN stays NaN: no pass over
+    memory). For any other incoming gradient g it multiplies a float32/float64 buffer by g, every
+    element (one holding 2 * grad_unit becomes exactly 2g * grad_unit), and overwrites every
+    element of a 16-bit one (NaN before) with the backward op's gradient, bit for bit."""
+    shape, make = FINISH_LAYOUTS[layout]
+    x_hat, x = (make(t.detach()) for t in recon_inputs(shape, dtype, device, seed=stable_seed("fin", reduction, dtype, layout)))
+    code = fastelbo.ops.REDUCTIONS[reduction]
+    _, grad_unit = _ops.gaussian_recon_loss(x_hat, x, code, True)
+    assert grad_unit.stride() == x_hat.stride()
+    one = torch.ones((), dtype=loss_dtype(dtype), device=device)
+    want_unit, _ = _ops.gaussian_recon_loss_backward(one, x_hat, x, code, True, False)
+    assert torch.equal(grad_unit, want_unit)
+    _ops.gaussian_recon_loss_finish_grad_(grad_unit, one, x_hat, x, code)
+    assert torch.equal(grad_unit, want_unit)
+    untouched = torch.full_like(grad_unit, float("nan"))
+    _ops.gaussian_recon_loss_finish_grad_(untouched, one, x_hat, x, code)
+    assert untouched.isnan().all()
+    scales = dtype in (torch.float32, torch.float64)
+    for value in (2.5, -0.3, 0.0, 1.0 + 2.0**-20):
+        grad_loss = torch.tensor(value, dtype=loss_dtype(dtype), device=device)
+        plain, _ = _ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, code, True, False)
+        if scales:
+            got = grad_unit * 2  # exact: a power of two
+            _ops.gaussian_recon_loss_finish_grad_(got, grad_loss, x_hat, x, code)
+            assert torch.equal(got, grad_unit * 2 * grad_loss.to(dtype)), f"incoming gradient {value}"
+            got /= 2
+            torch.testing.assert_close(got, plain, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        else:
+            got = torch.full_like(grad_unit, float("nan"))
+            _ops.gaussian_recon_loss_finish_grad_(got, grad_loss, x_hat, x, code)
+            assert torch.equal(got, plain), f"incoming gradient {value}"
+        assert got.stride() == plain.stride()
+
+
+def test_finish_grad_refuses_bad_arguments(device):
+    x_hat, x = (t.detach() for t in recon_inputs((4, 3, 5, 6), torch.float32, device))
+    one = torch.ones((), device=device)
+    good = torch.empty_like(x_hat)
+    finish = _ops.gaussian_recon_loss_finish_grad_
+    with pytest.raises(ValueError, match="reduction 'none' is not supported"):
+        finish(good, torch.ones(4, device=device), x_hat, x, 0)
+    with pytest.raises(ValueError, match="grad_unit"):
+        finish(torch.empty(4, 90, device=device), one, x_hat, x, 1)
+    with pytest.raises(TypeError, match="grad_unit"):
+        finish(good.double(), one, x_hat, x, 1)
+    with pytest.raises(ValueError, match="grad_unit must have the layout"):  # x_hat is read in place
+        finish(good, one, *(t.contiguous(memory_format=torch.channels_last) for t in (x_hat, x)), 1)
+    with pytest.raises(ValueError, match="one element"):
+        finish(good, torch.ones(2, device=device), x_hat, x, 1)
+
+
+BACKWARD_PATHS = {
+    # case: (the backward ops it runs on the CPU, on CUDA); one list per backward call
+    "loss.backward()": ([[]], [["finish_grad_"]]),
+    "scaled": ([["finish_grad_"]], [["finish_grad_"]]),
+    # retain_graph: the buffer must stay as the forward wrote it (a later backward reads it again);
+    # the second backward frees the graph, so it may finish the buffer
+    "retain_graph": ([["backward"], ["finish_grad_"]], [["backward"], ["finish_grad_"]]),
+    "x_requires_grad": ([[]], [["backward"]]),
+    "x_requires_grad_scaled": ([["backward"]], [["backward"]]),
+    "none": ([["backward"]], [["backward"]]),
+    "switched_off": ([["backward"]], [["backward"]]),
+}
+
+
+def _recon_backward_ops_in(fn):
+    """The recon backward ops fn runs (the profiler sees the dispatcher calls), short names."""
+    with torch.profiler.profile() as prof:
+        fn()
+    names = {"fastelbo::gaussian_recon_loss_backward": "backward",
+             "fastelbo::gaussian_recon_loss_finish_grad_": "finish_grad_"}
+    return sorted({names[e.name] for e in prof.events() if e.name in names})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", list(BACKWARD_PATHS))
+def test_backward_path_and_gradients(device, case, dtype, monkeypatch):
+    """Which backward runs, and the gradients each path gives, bit for bit: the plain backward
+    op's (the forward not preparing the gradient: FASTELBO_GRAD_IN_FORWARD=0), or, where a
+    float32 buffer is finished for an incoming gradient w != 1, w times the prepared gradient."""
+    reduction = "none" if case == "none" else "batchmean"
+    x_grad = case.startswith("x_requires_grad")
+    weight = 1.0 if case in ("loss.backward()", "x_requires_grad") else 3.0
+    backward_calls = 2 if case == "retain_graph" else 1
+    leaves = recon_inputs((8, 3, 5, 7), dtype, device, seed=stable_seed("paths", case, dtype), x_grad=x_grad)
+
+    def run(grad_in_forward, w, calls):
+        """x_hat.grad and x.grad after `calls` backward passes of w * loss, and the ops each ran."""
+        monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", grad_in_forward)
+        x_hat, x = (t.detach().requires_grad_(t.requires_grad) for t in leaves)
+        loss = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction).sum()
+        ops_ran = [_recon_backward_ops_in(lambda: (w * loss).backward(retain_graph=call + 1 < calls))
+                   for call in range(calls)]
+        return (x_hat.grad, x.grad), ops_ran
+
+    (plain, plain_x), plain_ops = run(False, weight, 1)
+    assert plain_ops == [["backward"]]
+    (unit, _), _ = run(False, 1.0, 1)
+    got, ops_ran = run(case != "switched_off", weight, backward_calls)
+    assert ops_ran == BACKWARD_PATHS[case][0 if device == "cpu" else 1]
+    # each backward's x_hat gradient, by the path it took, accumulated in order
+    scaled = unit * torch.tensor(weight, dtype=dtype, device=device)
+    parts = [scaled if ops == ["finish_grad_"] and dtype == torch.float32 else plain for ops in ops_ran]
+    want = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    assert torch.equal(got[0], want)
+    assert got[0].stride() == plain.stride()
+    assert (got[1] is None) == (plain_x is None)
+    if plain_x is not None:
+        assert torch.equal(got[1], plain_x)
+    # the scaled buffer is within the last bits of the plain gradient
+    torch.testing.assert_close(scaled, plain, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert torch.isfinite(got[0]).all()

@@ -170,6 +170,31 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
   return {loss, grad_unit};
 }
 
+// Writes the gradients for grad_loss into grad_x_hat and grad_x (either undefined when not needed),
+// allocated with the strides of rows.x_hat.
+void recon_backward_into(const at::Tensor& grad_loss, const ReconOperands& rows, int64_t reduction,
+                         const at::Tensor& grad_x_hat, const at::Tensor& grad_x) {
+  const BatchLayout layout = batch_layout(rows.x_hat);
+  if (layout.numel == 0 || !(grad_x_hat.defined() || grad_x.defined())) return;
+  const double scale = reduction_scale(reduction, layout);
+  const RowChunking chunking(task_layout(layout, reduction == kNone));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.x_hat.scalar_type(), "gaussian_recon_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor grad_c = grad_loss.to(loss_dtype(rows.x_hat.scalar_type())).contiguous();
+    const acc_t* g = grad_c.const_data_ptr<acc_t>();
+    const scalar_t* xh = rows.x_hat.const_data_ptr<scalar_t>();
+    const scalar_t* xv = rows.x.const_data_ptr<scalar_t>();
+    scalar_t* gxh = grad_x_hat.defined() ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
+    chunking.for_each_task([&](int64_t task) {
+      for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
+        const acc_t grad_rec = g[reduction == kNone ? chunking.row_of_piece(p) : 0] * static_cast<acc_t>(scale);
+        recon_backward_range(xh, xv, chunking.piece_begin(p), chunking.piece_end(p), grad_rec, gxh, gx);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
     bool need_grad_x_hat, bool need_grad_x) {
@@ -179,27 +204,31 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
     return needed ? empty_output(x_hat.sizes(), rows.x_hat.strides(), x_hat.options()) : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
-  const BatchLayout layout = batch_layout(x_hat);
-  if (layout.numel == 0 || !(need_grad_x_hat || need_grad_x)) return {grad_x_hat, grad_x};
+  recon_backward_into(grad_loss, rows, reduction, need_grad_x_hat ? grad_x_hat : at::Tensor(),
+                      need_grad_x ? grad_x : at::Tensor());
+  return {grad_x_hat, grad_x};
+}
 
-  const double scale = reduction_scale(reduction, layout);
-  const RowChunking chunking(task_layout(layout, reduction == kNone));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor grad_c = grad_loss.to(loss_dtype(x_hat.scalar_type())).contiguous();
-    const acc_t* g = grad_c.const_data_ptr<acc_t>();
-    const scalar_t* xh = rows.x_hat.const_data_ptr<scalar_t>();
-    const scalar_t* xv = rows.x.const_data_ptr<scalar_t>();
-    scalar_t* gxh = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gx = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    chunking.for_each_task([&](int64_t task) {
-      for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
-        const acc_t grad_rec = g[reduction == kNone ? chunking.row_of_piece(p) : 0] * static_cast<acc_t>(scale);
-        recon_backward_range(xh, xv, chunking.piece_begin(p), chunking.piece_end(p), grad_rec, gxh, gx);
-      }
+// grad_unit holds the gradient for an incoming gradient of 1; make it the one for grad_loss
+// (csrc/fastelbo.h, scales_prepared_grad).
+void gaussian_recon_loss_finish_grad_cpu(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
+                                         const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
+  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  const ReconOperands rows = recon_operands(x_hat, x);
+  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, rows, reduction);
+  if (!scales_prepared_grad(grad_unit.scalar_type())) {
+    // (reading a CPU tensor costs no sync)
+    if (grad_loss.to(at::kFloat).item<float>() != 1.0f) recon_backward_into(grad_loss, rows, reduction, grad_unit, at::Tensor());
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad_unit.scalar_type(), "gaussian_recon_loss_finish_grad_cpu", [&] {
+    const scalar_t g = grad_loss.to(grad_unit.scalar_type()).item<scalar_t>();
+    if (g == scalar_t(1)) return;
+    scalar_t* data = grad_unit.data_ptr<scalar_t>();
+    at::parallel_for(0, grad_unit.numel(), kMinElementsPerThread, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) data[i] = g * data[i];
     });
   });
-  return {grad_x_hat, grad_x};
 }
 
 }  // namespace
@@ -209,4 +238,5 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
 TORCH_LIBRARY_IMPL(fastelbo, CPU, m) {
   m.impl("gaussian_recon_loss", &fastelbo::cpu::gaussian_recon_loss_cpu);
   m.impl("gaussian_recon_loss_backward", &fastelbo::cpu::gaussian_recon_loss_backward_cpu);
+  m.impl("gaussian_recon_loss_finish_grad_", &fastelbo::cpu::gaussian_recon_loss_finish_grad_cpu);
 }

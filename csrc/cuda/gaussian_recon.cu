@@ -7,8 +7,13 @@
 //   rows "none": blocks never straddle two samples, so each per-sample sum has a fixed order.
 // Backward, one launch: reads x_hat and x again, and the incoming gradient on the device (no host
 // sync), and writes grad_x_hat and/or grad_x. Together 5 M s bytes, the floor of DESIGN.md
-// section 3 (the CPU-only save_grad_unit shortcut needs grad_output == 1 known on the host, which
-// a GPU cannot know without a sync; it is honoured here if asked for, but Python never asks).
+// section 3.
+// Below that floor (save_grad_unit, the default when x_hat requires grad; fastelbo/functional.py):
+// the forward also writes scale * (x_hat - x), the gradient for an incoming gradient of 1, and the
+// backward is gaussian_recon_loss_finish_grad_, whose threads read the incoming gradient and
+// return at once when it is 1 (the usual loss.backward()); else they scale the buffer in place
+// (float32/float64) or recompute it from x_hat and x (16-bit). Forward 3 M s plus a backward that
+// reads one number, instead of 2 M s plus 3 M s.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -155,6 +160,9 @@ struct BackwardParams {
   acc_t scale;
   int64_t numel, per_sample_size;
   bool vec;
+  // gaussian_recon_loss_finish_grad_: grad_x_hat already holds the gradient for an incoming
+  // gradient of 1 (the forward wrote it); when the incoming gradient is 1 there is nothing to do.
+  bool unit_grad_written;
 };
 
 // The per-sample incoming gradient times the scale, for elements walking through the samples.
@@ -205,6 +213,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   const int64_t n = p.numel, d = p.per_sample_size;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // The usual loss.backward() after a forward that wrote the gradient: every thread reads the
+  // one incoming gradient and the whole grid returns, no pass over memory. (The forward wrote
+  // math::grad_x_hat_element(x_hat, x, scale), which is what this kernel writes for 1 * scale.)
+  if (p.unit_grad_written && load_any<acc_t>(p.grad, p.grad_dtype, 0) == acc_t(1)) return;
   const acc_t grad_all = p.per_sample ? acc_t(0) : load_any<acc_t>(p.grad, p.grad_dtype, 0) * p.scale;
   if (p.vec) {
     const int64_t full_chunks = n / E;
@@ -252,6 +264,63 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
       if (p.grad_x != nullptr) p.grad_x[i] = static_cast<scalar_t>(-grad);
       if (p.per_sample) pos.advance(step_rows, step_cols, d);
     }
+  }
+}
+
+// ---- finish_grad_: the prepared gradient times the incoming gradient ---------------------------
+// For float32/float64 buffers (gaussian_recon_loss_finish_grad_): the buffer holds
+// scale * (x_hat - x) from the forward; for an incoming gradient g it becomes g times that, in
+// place: one read and one write of the buffer instead of reading x_hat and x again. 16-bit
+// buffers are recomputed from x_hat and x instead (recon_backward_kernel): scaling a rounded
+// 16-bit value would round twice, and in float16 the unscaled values may have lost their low bits
+// among the subnormals that a loss scale (torch.amp.GradScaler) is there to avoid.
+template <typename scalar_t>
+struct ScaleParams {
+  const void* grad;  // the incoming gradient of the reduced loss, one element
+  AnyFloat grad_dtype;
+  scalar_t* data;    // the prepared gradient, scaled in place
+  int64_t numel;
+  bool vec;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    recon_scale_grad_kernel(const ScaleParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kPack<scalar_t>;
+  const acc_t g = load_any<acc_t>(p.grad, p.grad_dtype, 0);
+  if (g == acc_t(1)) return;  // the usual loss.backward(): the buffer is the gradient already
+  const int64_t n = p.numel;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p.vec) {
+    const int64_t full_chunks = n / E;
+    for (int64_t c = tid; c < full_chunks; c += kUnroll * stride) {
+      Packed<scalar_t, E> chunk[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // every load in flight before the first store
+        if (c + u * stride < full_chunks) chunk[u] = load_pack<true, E>(p.data + (c + u * stride) * E, E);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (c + u * stride >= full_chunks) continue;
+        acc_t out[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) out[e] = g * to_acc<acc_t>(chunk[u].v[e]);
+        store_pack<true, E>(p.data + (c + u * stride) * E, out, E);
+      }
+    }
+    const int64_t tail = full_chunks * E;
+    if (tid == 0 && tail < n) {  // the last n % E elements
+      const int count = static_cast<int>(n - tail);
+      const Packed<scalar_t, E> chunk = load_pack<false, E>(p.data + tail, count);
+      acc_t out[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) out[e] = g * to_acc<acc_t>(chunk.v[e]);
+      store_pack<false, E>(p.data + tail, out, count);
+    }
+  } else {
+    for (int64_t i = tid; i < n; i += stride) p.data[i] = static_cast<scalar_t>(g * to_acc<acc_t>(p.data[i]));
   }
 }
 
@@ -307,6 +376,36 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
   return {loss, grad_unit};
 }
 
+// One launch of recon_backward_kernel writing the gradients for grad_loss into grad_x_hat and grad_x
+// (either undefined when not needed), laid out like rows.x_hat.
+void launch_recon_backward(const at::Tensor& grad_loss, const ReconOperands& rows, int64_t reduction,
+                           const at::Tensor& grad_x_hat, const at::Tensor& grad_x, bool unit_grad_written) {
+  const BatchLayout layout = batch_layout(rows.x_hat);
+  if (layout.numel == 0 || !(grad_x_hat.defined() || grad_x.defined())) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.x_hat.scalar_type(), "gaussian_recon_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int E = kPack<scalar_t>;
+    BackwardParams<scalar_t> p{};
+    p.grad = grad_loss.const_data_ptr();
+    p.grad_dtype = any_float_code(grad_loss.scalar_type());
+    p.per_sample = reduction == kNone;
+    p.grad_stride = p.per_sample ? grad_loss.stride(0) : 0;
+    p.x_hat = rows.x_hat.const_data_ptr<scalar_t>();
+    p.x = rows.x.const_data_ptr<scalar_t>();
+    p.grad_x_hat = grad_x_hat.defined() ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
+    p.grad_x = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
+    p.scale = static_cast<acc_t>(reduction_scale(reduction, layout));
+    p.numel = layout.numel;
+    p.per_sample_size = layout.per_sample;
+    p.vec = all_aligned({p.x_hat, p.x, p.grad_x_hat, p.grad_x}, 16);
+    p.unit_grad_written = unit_grad_written;
+    const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
+    recon_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
     bool need_grad_x_hat, bool need_grad_x) {
@@ -318,31 +417,36 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
                   : at::empty({0}, x_hat.options());
   };
   at::Tensor grad_x_hat = allocate_grad(need_grad_x_hat), grad_x = allocate_grad(need_grad_x);
-  const BatchLayout layout = batch_layout(x_hat);
-  if (layout.numel == 0 || !(need_grad_x_hat || need_grad_x)) return {grad_x_hat, grad_x};
+  launch_recon_backward(grad_loss, rows, reduction, need_grad_x_hat ? grad_x_hat : at::Tensor(),
+                        need_grad_x ? grad_x : at::Tensor(), false);
+  return {grad_x_hat, grad_x};
+}
 
+// grad_unit holds the gradient for an incoming gradient of 1; make it the one for grad_loss. The
+// kernel decides on the device, so the host never waits for grad_loss.
+void gaussian_recon_loss_finish_grad_cuda(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
+                                          const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
+  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  const c10::cuda::CUDAGuard device_guard(x_hat.device());
+  const ReconOperands rows = recon_operands(x_hat, x);
+  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, rows, reduction);
+  if (!scales_prepared_grad(grad_unit.scalar_type())) {
+    launch_recon_backward(grad_loss, rows, reduction, grad_unit, at::Tensor(), true);
+    return;
+  }
+  if (grad_unit.numel() == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_hat.scalar_type(), "gaussian_recon_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int E = kPack<scalar_t>;
-    BackwardParams<scalar_t> p{};
+  AT_DISPATCH_FLOATING_TYPES(grad_unit.scalar_type(), "gaussian_recon_loss_finish_grad_cuda", [&] {
+    ScaleParams<scalar_t> p{};
     p.grad = grad_loss.const_data_ptr();
     p.grad_dtype = any_float_code(grad_loss.scalar_type());
-    p.per_sample = reduction == kNone;
-    p.grad_stride = p.per_sample ? grad_loss.stride(0) : 0;
-    p.x_hat = rows.x_hat.const_data_ptr<scalar_t>();
-    p.x = rows.x.const_data_ptr<scalar_t>();
-    p.grad_x_hat = need_grad_x_hat ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
-    p.grad_x = need_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    p.scale = static_cast<acc_t>(reduction_scale(reduction, layout));
-    p.numel = layout.numel;
-    p.per_sample_size = layout.per_sample;
-    p.vec = all_aligned({p.x_hat, p.x, p.grad_x_hat, p.grad_x}, 16);
-    const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-    recon_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    p.data = grad_unit.data_ptr<scalar_t>();
+    p.numel = grad_unit.numel();
+    p.vec = all_aligned({p.data}, 16);
+    const int64_t blocks = flat_blocks(ceil_div(p.numel, kPack<scalar_t>));
+    recon_scale_grad_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x_hat, grad_x};
 }
 
 }  // namespace
@@ -358,4 +462,5 @@ int64_t recon_forward_cluster_capacity(int device) {
 TORCH_LIBRARY_IMPL(fastelbo, CUDA, m) {
   m.impl("gaussian_recon_loss", &fastelbo::cuda::gaussian_recon_loss_cuda);
   m.impl("gaussian_recon_loss_backward", &fastelbo::cuda::gaussian_recon_loss_backward_cuda);
+  m.impl("gaussian_recon_loss_finish_grad_", &fastelbo::cuda::gaussian_recon_loss_finish_grad_cuda);
 }
