@@ -9,6 +9,9 @@
 #   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
 #   bench-ticket  the fastelbo provider again at mnist-mlp and ldm-ae-256 with FASTELBO_CUDA_CLUSTERS=0:
 #              small grids reduce through the global ticket instead of a thread-block cluster (A/B)
+#   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
+#              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
+#              and x again (A/B of gaussian_recon_loss_finish_grad_)
 #   memcheck   compute-sanitizer --tool memcheck on a small driver that runs every kernel variant
 #   racecheck  compute-sanitizer --tool racecheck on the same driver
 #   slow       the > 2^31-element test
@@ -202,6 +205,11 @@ run_step bench-ticket 60 env FASTELBO_CUDA_CLUSTERS=0 "$PYTHON" -m fastelbo benc
   --sizes mnist-mlp ldm-ae-256 --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile --no-plot \
   --no-progress --time-per-case 0.3 --out "$LOGS/bench-ticket" ${BENCH_ARGS:-}
 
+# shellcheck disable=SC2086
+run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
+  --sizes mnist-mlp ldm-ae-256 large --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile \
+  --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench-plain-backward" ${BENCH_ARGS:-}
+
 # ---- compute-sanitizer ----------------------------------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer)
 if [[ -z "$SANITIZER" ]]; then
@@ -248,8 +256,12 @@ def one_dtype(dtype):
         x = torch.randn(8, size, device="cuda", dtype=dtype)
         for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :size - 1], x[:, :size - 1])):
             for reduction in range(4):
-                loss, _ = ops.gaussian_recon_loss(xh, xv, reduction, True)
+                loss, grad_unit = ops.gaussian_recon_loss(xh, xv, reduction, True)
                 ops.gaussian_recon_loss_backward(torch.ones_like(loss), xh, xv, reduction, True, True)
+                if reduction != 0:  # the in-place backward, skipping (1) and overwriting (2)
+                    for value in (1.0, 2.0):
+                        ops.gaussian_recon_loss_finish_grad_(grad_unit, torch.full_like(loss, value), xh, xv,
+                                                             reduction)
     # channels_last x_hat: read in place, with x in the same layout or copied into it
     x_hat = torch.randn(4, 3, 9, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     for xv in (torch.randn_like(x_hat), torch.randn_like(x_hat).contiguous()):
@@ -312,7 +324,7 @@ fi
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
-  "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" << 'EOF'
+  "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" "$LOGS/bench-plain-backward/bench.json" << 'EOF'
 import json
 import re
 import sys
@@ -373,9 +385,24 @@ for r in rows:
         print(f"  {r['size']:<11} {r['dtype']:<5} {kernel_breakdown(r)}")
 for item in data.get("refused", []) + data.get("errors", []):
     print("bench problem:", item)
-ticket = load_json(sys.argv[2], "bench-ticket")
-if ticket is None:
-    sys.exit(0)
+with_defaults = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "fastelbo"}
+
+
+def compare(path, label, what):
+    """The fastelbo rows of an A/B bench step next to the main bench's."""
+    other = load_json(path, label)
+    if other is None:
+        return
+    print(f"{label}: {what}, fwd+bwd (the main bench's figures in parentheses):")
+    for r in other["results"]:
+        if r["provider"] != "fastelbo" or r["mode"] != "fwd+bwd":
+            continue
+        c = with_defaults.get((r["size"], r["dtype"]), {})
+        print(f"  {r['size']:<11} {r['dtype']:<5} kernel us {r.get('kernel_time_us') or float('nan'):.1f} "
+              f"({c.get('kernel_time_us') or float('nan'):.1f}), step us {r['median_us']:.1f} "
+              f"({c.get('median_us') or float('nan'):.1f}): {kernel_breakdown(r)}")
+
+
 try:
     import torch
     import fastelbo
@@ -383,15 +410,9 @@ try:
 except Exception as error:  # no GPU, or a build without CUDA
     capacity = f"unknown ({error})"
 print(f"thread-block clusters for small grids (largest cluster per float32 forward kernel): {capacity}")
-print("the same with FASTELBO_CUDA_CLUSTERS=0 (small grids reduce through the ticket), fwd+bwd:")
-with_clusters = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "fastelbo"}
-for r in ticket["results"]:
-    if r["provider"] != "fastelbo" or r["mode"] != "fwd+bwd":
-        continue
-    c = with_clusters.get((r["size"], r["dtype"]), {})
-    print(f"  {r['size']:<11} {r['dtype']:<5} kernel us {r.get('kernel_time_us') or float('nan'):.1f} "
-          f"(clusters: {c.get('kernel_time_us') or float('nan'):.1f}), step us {r['median_us']:.1f} "
-          f"(clusters: {c.get('median_us') or float('nan'):.1f}): {kernel_breakdown(r)}")
+compare(sys.argv[2], "bench-ticket", "FASTELBO_CUDA_CLUSTERS=0, small grids reduce through the ticket")
+compare(sys.argv[3], "bench-plain-backward",
+        "FASTELBO_GRAD_IN_FORWARD=0, the recon backward reads x_hat and x again")
 EOF
 } 2>&1 | tee "$LOGS/summary.txt"
 
@@ -399,6 +420,7 @@ cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench/bench.json" ]] && cp "$LOGS/bench/bench.json" "$OUT/bench.json"
 [[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
 [[ -f "$LOGS/bench-ticket/bench.json" ]] && cp "$LOGS/bench-ticket/bench.json" "$OUT/bench-ticket.json"
+[[ -f "$LOGS/bench-plain-backward/bench.json" ]] && cp "$LOGS/bench-plain-backward/bench.json" "$OUT/bench-plain-backward.json"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 
 for status in "${STATUS[@]}"; do
