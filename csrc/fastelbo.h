@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "elbo_math.h"
 
@@ -86,11 +87,14 @@ ReconOperands recon_operands(const at::Tensor& x_hat, const at::Tensor& x);
 
 void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::Tensor& x_hat,
                                         const at::Tensor& x, int64_t reduction);
-// Also for gaussian_recon_loss_finish_grad_ (schema in csrc/ops.cpp), after that check: a reduced
-// loss, and grad_unit laid out like x_hat's gradient (rows = recon_operands(x_hat, x)).
+// The strides recon_operands gives x_hat, which the gradients (and grad_unit) are allocated with:
+// x_hat's own when it is read in place, else contiguous ones. Without copying anything.
+std::vector<int64_t> recon_grad_strides(const at::Tensor& x_hat);
+
+// gaussian_recon_loss_finish_grad_ (schema in csrc/ops.cpp): the backward's checks, a reduced
+// loss, and grad_unit laid out like x_hat's gradient.
 void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
-                                            const at::Tensor& x_hat, const ReconOperands& rows,
-                                            int64_t reduction);
+                                            const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction);
 // How gaussian_recon_loss_finish_grad_ turns a prepared gradient of this dtype into the one for
 // an incoming gradient g other than 1: float32/float64 buffers are multiplied by g in place (one
 // read and write of the buffer; within the last bit of the gradient computed from x_hat and x);

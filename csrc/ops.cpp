@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -287,21 +288,33 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
   }
 }
 
+std::vector<int64_t> recon_grad_strides(const at::Tensor& x_hat) {
+  if (rows_in_memory_order(x_hat)) return x_hat.strides().vec();
+  std::vector<int64_t> strides(x_hat.dim());  // contiguous ones, as x_hat.contiguous() has
+  int64_t stride = 1;
+  for (int64_t d = x_hat.dim() - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(x_hat.size(d), 1);
+  }
+  return strides;
+}
+
 void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
-                                            const at::Tensor& x_hat, const ReconOperands& rows,
-                                            int64_t reduction) {
+                                            const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
   constexpr const char* op = "gaussian_recon_loss_finish_grad_";
+  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
   TORCH_CHECK_VALUE(reduction != kNone, op, ": reduction 'none' is not supported (the forward prepares ",
                     "no gradient for it)");
   check_same_dtype(op, "grad_unit", grad_unit, "x_hat", x_hat);
   check_same_device(op, "grad_unit", grad_unit, "x_hat", x_hat);
   check_same_shape(op, "grad_unit", grad_unit.sizes(), "x_hat", x_hat.sizes());
-  // The kernels write it as B rows of D elements in the order they read x_hat: the layout the
-  // forward gave it (csrc/ops.cpp, recon_operands).
+  // The kernels take it as B rows of D elements in the order they read x_hat: the layout the
+  // forward gave it.
+  const std::vector<int64_t> strides = recon_grad_strides(x_hat);
   TORCH_CHECK_VALUE(grad_unit.numel() == 0 || (grad_unit.is_non_overlapping_and_dense() &&
-                                               grad_unit.strides() == rows.x_hat.strides()),
+                                               grad_unit.strides() == at::IntArrayRef(strides)),
                     op, ": grad_unit must have the layout of the gradient the forward wrote (strides ",
-                    shape_str(rows.x_hat.strides()), "), got strides ", shape_str(grad_unit.strides()));
+                    shape_str(strides), "), got strides ", shape_str(grad_unit.strides()));
 }
 
 }  // namespace fastelbo

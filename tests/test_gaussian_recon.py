@@ -298,7 +298,7 @@ def test_dense_layouts_are_read_in_place(device, reduction, dtype, layout):
 
 
 @pytest.mark.parametrize("case", ["x_contiguous", "x_expanded", "batch_inner"])
-def test_other_layouts_are_copied(device, case):
+def test_other_layouts_are_copied(device, case, monkeypatch):
     """x in another layout than a channels_last x_hat (contiguous data against a conv decoder's
     output), or an expanded (stride-0) x: x is copied into x_hat's layout and the gradients come in
     x_hat's layout. A batch dim that is not outermost in memory: both are copied to contiguous
@@ -317,12 +317,17 @@ def test_other_layouts_are_copied(device, case):
     assert all(g.stride() == want_strides for g in grads if g is not None)
 
     def step():  # x_hat alone requires grad (x's gradient would be copied into x's layout by autograd)
-        fused("sum")(x_hat.detach().requires_grad_(), x.detach()).backward()
+        (2.0 * fused("sum")(x_hat.detach().requires_grad_(), x.detach())).backward()
 
-    copies = _data_sized_copies_in(step, x_hat.numel())
-    assert copies != []
-    if case != "batch_inner":  # x alone: one copy (contiguous + clone + copy_ count as one pass)
-        assert [name for name, _ in copies].count("aten::copy_") == 1
+    for grad_in_forward in (True, False):
+        monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", grad_in_forward)
+        copies = _data_sized_copies_in(step, x_hat.numel())
+        assert copies != []
+        if case != "batch_inner":
+            # x alone (contiguous + clone + copy_ count as one pass): copied once in the forward,
+            # and again in the backward unless the forward prepared the gradient (float32: the
+            # backward then never reads x, also for an incoming gradient other than 1)
+            assert [name for name, _ in copies].count("aten::copy_") == (1 if grad_in_forward else 2)
 
 
 # ---- the gradient prepared in the forward ---------------------------------------------------------

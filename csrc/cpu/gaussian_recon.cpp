@@ -213,12 +213,12 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
 // (csrc/fastelbo.h, scales_prepared_grad).
 void gaussian_recon_loss_finish_grad_cpu(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
                                          const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
-  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
-  const ReconOperands rows = recon_operands(x_hat, x);
-  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, rows, reduction);
+  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, x, reduction);
   if (!scales_prepared_grad(grad_unit.scalar_type())) {
     // (reading a CPU tensor costs no sync)
-    if (grad_loss.to(at::kFloat).item<float>() != 1.0f) recon_backward_into(grad_loss, rows, reduction, grad_unit, at::Tensor());
+    if (grad_loss.to(at::kFloat).item<float>() != 1.0f) {
+      recon_backward_into(grad_loss, recon_operands(x_hat, x), reduction, grad_unit, at::Tensor());
+    }
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(grad_unit.scalar_type(), "gaussian_recon_loss_finish_grad_cpu", [&] {

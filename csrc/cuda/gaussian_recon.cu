@@ -426,12 +426,10 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cuda(
 // kernel decides on the device, so the host never waits for grad_loss.
 void gaussian_recon_loss_finish_grad_cuda(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
                                           const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
-  check_gaussian_recon_loss_backward(grad_loss, x_hat, x, reduction);
+  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, x, reduction);
   const c10::cuda::CUDAGuard device_guard(x_hat.device());
-  const ReconOperands rows = recon_operands(x_hat, x);
-  check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, rows, reduction);
-  if (!scales_prepared_grad(grad_unit.scalar_type())) {
-    launch_recon_backward(grad_loss, rows, reduction, grad_unit, at::Tensor(), true);
+  if (!scales_prepared_grad(grad_unit.scalar_type())) {  // (x copied into x_hat's layout if need be)
+    launch_recon_backward(grad_loss, recon_operands(x_hat, x), reduction, grad_unit, at::Tensor(), true);
     return;
   }
   if (grad_unit.numel() == 0) return;
