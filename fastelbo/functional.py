@@ -109,10 +109,10 @@ def gaussian_recon_loss(x_hat, x, *, reduction="batchmean"):
     _check_tensor(x_hat, "x_hat", "gaussian_recon_loss")
     _check_tensor(x, "x", "gaussian_recon_loss")
     # The forward prepares the gradient of the usual loss.backward() (incoming gradient 1) in the
-    # same pass; the backward hands it back, or recomputes it for another incoming gradient
-    # (csrc/autograd.cpp). On a GPU only when x needs no gradient: the backward then always
-    # recomputes, and the prepared gradient would be wasted. Not under torch.compile, which
-    # traces the plain backward op.
+    # same pass; the backward hands it back, or turns it into the gradient for another incoming
+    # gradient (csrc/autograd.cpp, gaussian_recon_loss_finish_grad_). On a GPU only when x needs
+    # no gradient: the backward would compute both gradients from x_hat and x anyway, and the
+    # prepared one would be wasted. Not under torch.compile, which traces the plain backward op.
     save_grad_unit = (
         _GRAD_IN_FORWARD
         and code != REDUCTIONS["none"]
