@@ -14,26 +14,14 @@ Median of `--reps` pairs of calls after a warm-up, "batchmean", float32, rounds 
     .venv/bin/python scripts/recon_backward_paths.py [--threads 1] [--reps 200] [--rounds 3]
 """
 import argparse
-import time
 
 import torch
 
 import fastelbo  # noqa: F401  (registers torch.ops.fastelbo)
+from cpu_kernel_calls import median_us  # (this script's folder is on sys.path when it runs)
 
 BATCHMEAN = fastelbo.ops.REDUCTIONS["batchmean"]
 ops = torch.ops.fastelbo
-
-
-def median_us(fn, reps):
-    for _ in range(min(20, reps)):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - start)
-    times.sort()
-    return times[len(times) // 2] / 1e3
 
 
 def paths(x_hat, x, g):
