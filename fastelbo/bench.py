@@ -789,6 +789,10 @@ def machine_info():
         info["fastelbo_built_with_cuda"] = BUILT_WITH_CUDA
         # Small CUDA grids reduce in a thread-block cluster (sm_90) unless FASTELBO_CUDA_CLUSTERS=0.
         info["fastelbo_cuda_clusters"] = _fastelbo_C()._cuda_clusters_enabled()
+        # The recon forward prepares the x_hat gradient unless FASTELBO_GRAD_IN_FORWARD=0.
+        info["fastelbo_grad_in_forward"] = fastelbo.functional._GRAD_IN_FORWARD
+        # AVX2/F16C CPU code where the processor has it (fastelbo._C._set_cpu_vector_paths).
+        info["fastelbo_cpu_vector_paths"] = _fastelbo_C()._cpu_vector_paths_enabled()
         info["fastelbo_extension_built"] = datetime.datetime.fromtimestamp(
             os.path.getmtime(_fastelbo_C().__file__), datetime.timezone.utc).isoformat(timespec="seconds")
         info["fastelbo_git_commit"] = _git_commit(os.path.dirname(os.path.abspath(__file__)))
@@ -1079,6 +1083,10 @@ def run(args):
           f"GPU {meta['machine']['gpu']}")
     for device, c in copy.items():
         print(f"{device} copy bandwidth (read + write): {c['GBps']:.1f} GB/s")
+    changed = [name for name in ("fastelbo_grad_in_forward", "fastelbo_cuda_clusters", "fastelbo_cpu_vector_paths")
+               if meta["machine"].get(name) is False]
+    if changed:  # an A/B run: say so next to its numbers
+        print("fastelbo settings switched off: " + ", ".join(changed) + " (README)")
     load = meta["load_average_start"]
     if load is not None:
         print(f"load average at start: {load[0]:.2f} (1 min) on {meta['machine']['cpu_count']} CPUs")

@@ -19,7 +19,7 @@ ROW_FIELDS = {
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
-                  "fastelbo_cuda_clusters"}
+                  "fastelbo_cuda_clusters", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths"}
 
 
 def run_bench(tmp_path, *extra):
@@ -189,6 +189,24 @@ def test_builtin_providers_validate(dtype):
     for name in ("eager", "fastelbo"):
         errors = bench.validate_provider(bench.PROVIDERS[name].build(), size, dtype, "cpu")
         assert max(v for k, v in errors.items() if not k.startswith("eps_")) <= bench.TOLERANCES[dtype]
+
+
+def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
+    """An A/B run with a fastelbo setting switched off says so, in the JSON and next to its
+    numbers; a run with the defaults records them."""
+    import fastelbo
+
+    fastelbo_args = ("--providers", "fastelbo", "--dtypes", "fp32", "--modes", "fwd+bwd", "--no-plot")
+    monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", True)
+    _, data, _ = run_bench(tmp_path / "default", *fastelbo_args)
+    assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is True
+    assert data["meta"]["machine"]["fastelbo_cpu_vector_paths"] is fastelbo._C._cpu_vector_paths_enabled()
+    capsys.readouterr()
+    monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", False)
+    rc, data, _ = run_bench(tmp_path / "switched", *fastelbo_args)
+    assert rc == 0
+    assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is False
+    assert "fastelbo settings switched off: fastelbo_grad_in_forward" in capsys.readouterr().out
 
 
 def test_cli_refuses_wrong_providers(tmp_path, monkeypatch, capsys):
