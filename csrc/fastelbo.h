@@ -8,7 +8,6 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "elbo_math.h"
 
@@ -89,7 +88,7 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
                                         const at::Tensor& x, int64_t reduction);
 // The strides recon_operands gives x_hat, which the gradients (and grad_unit) are allocated with:
 // x_hat's own when it is read in place, else contiguous ones. Without copying anything.
-std::vector<int64_t> recon_grad_strides(const at::Tensor& x_hat);
+c10::DimVector recon_grad_strides(const at::Tensor& x_hat);
 
 // gaussian_recon_loss_finish_grad_ (schema in csrc/ops.cpp): the backward's checks, a reduced
 // loss, and grad_unit laid out like x_hat's gradient.

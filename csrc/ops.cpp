@@ -6,8 +6,8 @@
 // dispatcher, not Python, picks the one for the inputs' device.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <c10/util/strides.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -16,7 +16,6 @@
 #include <string>
 #include <sstream>
 #include <utility>
-#include <vector>
 
 #include "elbo_math.h"
 #include "fastelbo.h"
@@ -288,15 +287,9 @@ void check_gaussian_recon_loss_backward(const at::Tensor& grad_loss, const at::T
   }
 }
 
-std::vector<int64_t> recon_grad_strides(const at::Tensor& x_hat) {
-  if (rows_in_memory_order(x_hat)) return x_hat.strides().vec();
-  std::vector<int64_t> strides(x_hat.dim());  // contiguous ones, as x_hat.contiguous() has
-  int64_t stride = 1;
-  for (int64_t d = x_hat.dim() - 1; d >= 0; --d) {
-    strides[d] = stride;
-    stride *= std::max<int64_t>(x_hat.size(d), 1);
-  }
-  return strides;
+c10::DimVector recon_grad_strides(const at::Tensor& x_hat) {
+  if (rows_in_memory_order(x_hat)) return c10::DimVector(x_hat.strides());
+  return c10::contiguous_strides(x_hat.sizes());  // what x_hat.contiguous() has
 }
 
 void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
@@ -310,7 +303,7 @@ void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at
   check_same_shape(op, "grad_unit", grad_unit.sizes(), "x_hat", x_hat.sizes());
   // The kernels take it as B rows of D elements in the order they read x_hat: the layout the
   // forward gave it.
-  const std::vector<int64_t> strides = recon_grad_strides(x_hat);
+  const c10::DimVector strides = recon_grad_strides(x_hat);
   TORCH_CHECK_VALUE(grad_unit.numel() == 0 || (grad_unit.is_non_overlapping_and_dense() &&
                                                grad_unit.strides() == at::IntArrayRef(strides)),
                     op, ": grad_unit must have the layout of the gradient the forward wrote (strides ",

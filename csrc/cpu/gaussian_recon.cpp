@@ -214,20 +214,19 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_backward_cpu(
 void gaussian_recon_loss_finish_grad_cpu(const at::Tensor& grad_unit, const at::Tensor& grad_loss,
                                          const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
   check_gaussian_recon_loss_finish_grad(grad_unit, grad_loss, x_hat, x, reduction);
-  if (!scales_prepared_grad(grad_unit.scalar_type())) {
-    // (reading a CPU tensor costs no sync)
-    if (grad_loss.to(at::kFloat).item<float>() != 1.0f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_unit.scalar_type(), "gaussian_recon_loss_finish_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // (a CPU tensor: reading it costs no sync) g as the kernels use it, like the CUDA one
+    const acc_t g = grad_loss.to(loss_dtype(grad_unit.scalar_type())).item<acc_t>();
+    if (g == acc_t(1)) return;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float32/float64: scales_prepared_grad
+      scalar_t* data = grad_unit.data_ptr<scalar_t>();
+      at::parallel_for(0, grad_unit.numel(), kMinElementsPerThread, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) data[i] = g * data[i];
+      });
+    } else {
       recon_backward_into(grad_loss, recon_operands(x_hat, x), reduction, grad_unit, at::Tensor());
     }
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(grad_unit.scalar_type(), "gaussian_recon_loss_finish_grad_cpu", [&] {
-    const scalar_t g = grad_loss.to(grad_unit.scalar_type()).item<scalar_t>();
-    if (g == scalar_t(1)) return;
-    scalar_t* data = grad_unit.data_ptr<scalar_t>();
-    at::parallel_for(0, grad_unit.numel(), kMinElementsPerThread, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) data[i] = g * data[i];
-    });
   });
 }
 
