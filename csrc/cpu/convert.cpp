@@ -10,8 +10,10 @@
 // subnormals and overflow included; bfloat16 with c10's rounding formula). A NaN stays a NaN,
 // its payload may differ. Every element goes through the same instructions wherever it sits in
 // the block (a partial vector is padded), so a value never depends on the block's alignment.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_common.h"
 
@@ -110,42 +112,28 @@ __attribute__((target("avx2"))) void float_to_bfloat16_avx2(const float* in, int
   }
 }
 
+#else  // no vector instructions here: convert() below never calls these names
+constexpr bool use_f16c() { return false; }
+constexpr bool use_avx2() { return false; }
+constexpr std::nullptr_t half_to_float_f16c = nullptr, float_to_half_f16c = nullptr,
+                         bfloat16_to_float_avx2 = nullptr, float_to_bfloat16_avx2 = nullptr;
 #endif  // FASTELBO_X86_64
 
-// c10's conversion, element by element: where the processor lacks the instructions above.
+// The vectorized conversion where the processor has its instructions, else c10's per element.
 template <typename From, typename To>
-void convert_each(const From* in, int64_t n, To* out) {
+void convert(bool vectorized_available, std::type_identity_t<void (*)(const From*, int64_t, To*)> vectorized,
+             const From* in, int64_t n, To* out) {
+  if (vectorized_available) return vectorized(in, n, out);
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
 }
 
 }  // namespace
 
-void to_float(const at::Half* in, int64_t n, float* out) {
-#if FASTELBO_X86_64
-  if (use_f16c()) return half_to_float_f16c(in, n, out);
-#endif
-  convert_each(in, n, out);
-}
-
-void from_float(const float* in, int64_t n, at::Half* out) {
-#if FASTELBO_X86_64
-  if (use_f16c()) return float_to_half_f16c(in, n, out);
-#endif
-  convert_each(in, n, out);
-}
-
-void to_float(const at::BFloat16* in, int64_t n, float* out) {
-#if FASTELBO_X86_64
-  if (use_avx2()) return bfloat16_to_float_avx2(in, n, out);
-#endif
-  convert_each(in, n, out);
-}
-
+void to_float(const at::Half* in, int64_t n, float* out) { convert(use_f16c(), half_to_float_f16c, in, n, out); }
+void from_float(const float* in, int64_t n, at::Half* out) { convert(use_f16c(), float_to_half_f16c, in, n, out); }
+void to_float(const at::BFloat16* in, int64_t n, float* out) { convert(use_avx2(), bfloat16_to_float_avx2, in, n, out); }
 void from_float(const float* in, int64_t n, at::BFloat16* out) {
-#if FASTELBO_X86_64
-  if (use_avx2()) return float_to_bfloat16_avx2(in, n, out);
-#endif
-  convert_each(in, n, out);
+  convert(use_avx2(), float_to_bfloat16_avx2, in, n, out);
 }
 
 }  // namespace cpu
