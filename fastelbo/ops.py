@@ -1,9 +1,10 @@
 """The compiled ops, torch.ops.fastelbo.*, and their fake implementations.
 
-Four ops: reparameterize_kl and gaussian_recon_loss (forward), reparameterize_kl_backward and
-gaussian_recon_loss_backward; and gaussian_recon_loss_finish_grad_, the reconstruction's backward
-when its forward already wrote the gradient for an incoming gradient of 1 (csrc/ops.cpp). The dispatcher picks the CPU or CUDA kernel; arguments are validated
-in the compiled ops, before any kernel runs. Autograd is compiled too: the two forward ops have an
+Five ops: reparameterize_kl and gaussian_recon_loss (forward), reparameterize_kl_backward and
+gaussian_recon_loss_backward, and gaussian_recon_loss_finish_grad_, the reconstruction's backward
+when its forward already wrote the gradient for an incoming gradient of 1 (csrc/ops.cpp). The
+dispatcher picks the CPU or CUDA kernel; arguments are validated in the compiled ops, before any
+kernel runs. Autograd is compiled too: the two forward ops have an
 Autograd-key kernel (csrc/autograd.cpp), a C++ torch::autograd::Function each, whose backward calls
 the backward op and refuses double backward with a clear RuntimeError. So calling the forward op on
 tensors that require grad records the backward; no Python runs in the backward pass.
