@@ -119,9 +119,16 @@ constexpr std::nullptr_t half_to_float_f16c = nullptr, float_to_half_f16c = null
                          bfloat16_to_float_avx2 = nullptr, float_to_bfloat16_avx2 = nullptr;
 #endif  // FASTELBO_X86_64
 
+// std::type_identity is C++20; torch before 2.12 builds extensions with -std=c++17. It keeps the
+// function pointer out of template deduction, so that the non-x86 nullptr stand-ins convert to it.
+template <typename T>
+struct type_identity {
+  using type = T;
+};
+
 // The vectorized conversion where the processor has its instructions, else c10's per element.
 template <typename From, typename To>
-void convert(bool vectorized_available, std::type_identity_t<void (*)(const From*, int64_t, To*)> vectorized,
+void convert(bool vectorized_available, typename type_identity<void (*)(const From*, int64_t, To*)>::type vectorized,
              const From* in, int64_t n, To* out) {
   if (vectorized_available) return vectorized(in, n, out);
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
