@@ -757,6 +757,30 @@ def _git_commit(folder):
         return None
 
 
+SOURCE_SUFFIXES = (".py", ".h", ".cpp", ".cu", ".cuh")
+
+
+def source_digest(root):
+    """12 hex digits of SHA-256 over the sources under root/fastelbo and root/csrc (relative path and
+    content of every .py/.h/.cpp/.cu/.cuh file, in sorted order): names the code that ran even where
+    git cannot, e.g. in a copy of a working tree whose .git is older than its files (the GPU
+    machines' copies are), and matches the same files anywhere."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in ("fastelbo", "csrc"):
+        base = os.path.join(root, folder)
+        paths = []
+        for parent, dirs, files in os.walk(base):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            paths += [os.path.join(parent, f) for f in files if f.endswith(SOURCE_SUFFIXES)]
+        for path in sorted(paths):
+            digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def machine_info():
     info = {
         "platform": platform.platform(),
@@ -796,6 +820,7 @@ def machine_info():
         info["fastelbo_extension_built"] = datetime.datetime.fromtimestamp(
             os.path.getmtime(_fastelbo_C().__file__), datetime.timezone.utc).isoformat(timespec="seconds")
         info["fastelbo_git_commit"] = _git_commit(os.path.dirname(os.path.abspath(__file__)))
+        info["fastelbo_source_digest"] = source_digest(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except Exception as error:  # pragma: no cover
         info["fastelbo"] = f"unavailable: {error}"
     return info

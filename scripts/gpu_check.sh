@@ -356,7 +356,11 @@ data = load_json(sys.argv[1], "bench")
 if data is None:
     sys.exit(0)
 copy = data["meta"].get("copy_bandwidth", {}).get("cuda", {}).get("GBps") or float("nan")
-print(f"bench (fwd+bwd, GPU {data['meta']['machine'].get('gpu')}, copy {copy:.0f} GB/s): kernel us = summed "
+machine = data["meta"]["machine"]
+# The source digest names the code that ran; the git line above may not (a copy's .git can be older
+# than its files). Locally: python -c "from fastelbo.bench import source_digest; print(source_digest('.'))"
+print(f"sources {machine.get('fastelbo_source_digest')} (git {machine.get('fastelbo_git_commit')})")
+print(f"bench (fwd+bwd, GPU {machine.get('gpu')}, copy {copy:.0f} GB/s): kernel us = summed "
       "device time per loss step; ours = fastelbo kernels per step")
 print(f"{'size':<11} {'dtype':<5} {'floor us':>8} {'kernel us':>9} {'x floor':>7} {'ours':>4} {'ours us':>7} "
       f"{'all':>4} {'eager us':>8} {'step us':>8} {'x eager':>7}  target")

@@ -36,7 +36,9 @@ import sys
 
 data = json.load(open(sys.argv[1]))
 copy = data["meta"]["copy_bandwidth"]["cuda"]["GBps"]
-print(f"GPU {data['meta']['machine']['gpu']}, copy {copy:.0f} GB/s; us per step per kernel, fp32 fwd+bwd")
+machine = data["meta"]["machine"]
+print(f"GPU {machine['gpu']}, copy {copy:.0f} GB/s, sources {machine.get('fastelbo_source_digest')}; "
+      "us per step per kernel, fp32 fwd+bwd")
 names = ["reparam_kl_forward", "reparam_kl_backward", "recon_forward", "recon_scale_grad", "FillFunctor",
          "CUDAFunctor_add"]
 print(f"{'B,D,Z':>16} {'N':>8} {'M':>9} {'bytes MB':>8} {'floor us':>8} {'all us':>7} " +

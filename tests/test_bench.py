@@ -2,6 +2,8 @@
 validation that refuses a wrong provider before it is timed."""
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ ROW_FIELDS = {
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
-                  "fastelbo_cuda_clusters", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths"}
+                  "fastelbo_cuda_clusters", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths",
+                  "fastelbo_source_digest"}
 
 
 def run_bench(tmp_path, *extra):
@@ -89,6 +92,7 @@ def test_cli_writes_every_field(tmp_path, capsys):
     assert MACHINE_FIELDS <= set(meta["machine"])
     assert meta["machine"]["torch"] == torch.__version__
     assert meta["machine"]["cpu_count"] == os.cpu_count()
+    assert meta["machine"]["fastelbo_source_digest"] == bench.source_digest(str(Path(bench.__file__).resolve().parents[1]))
     assert meta["copy_bandwidth"]["cpu"]["GBps"] > 0
     assert meta["copy_bandwidth"]["cpu"]["bytes_per_copy"] == 2 * (16 << 20)
     assert {"arguments", "started", "elapsed_s", "config", "load_average_start", "busy_warning"} <= set(meta)
@@ -189,6 +193,31 @@ def test_builtin_providers_validate(dtype):
     for name in ("eager", "fastelbo"):
         errors = bench.validate_provider(bench.PROVIDERS[name].build(), size, dtype, "cpu")
         assert max(v for k, v in errors.items() if not k.startswith("eps_")) <= bench.TOLERANCES[dtype]
+
+
+def test_source_digest_names_the_sources(tmp_path):
+    root = Path(bench.__file__).resolve().parents[1]
+    if not (root / "csrc").is_dir():
+        pytest.skip("needs the source tree (csrc/ next to the package)")
+    copy = tmp_path / "tree"
+    shutil.copytree(root / "fastelbo", copy / "fastelbo")
+    shutil.copytree(root / "csrc", copy / "csrc")
+    digest = bench.source_digest(str(root))
+    assert len(digest) == 12 and bench.source_digest(str(copy)) == digest
+    # Build products and caches are not sources.
+    (copy / "fastelbo" / "_C.fake.so").write_bytes(b"\x7fELF")
+    (copy / "fastelbo" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "fastelbo" / "__pycache__" / "x.py").write_text("")
+    assert bench.source_digest(str(copy)) == digest
+    # One byte of a kernel source, or a moved file, changes it.
+    kernel = next(iter(sorted((copy / "csrc").rglob("*.h"))))
+    kernel.write_bytes(kernel.read_bytes() + b" ")
+    changed = bench.source_digest(str(copy))
+    assert changed != digest
+    kernel.write_bytes(kernel.read_bytes()[:-1])
+    assert bench.source_digest(str(copy)) == digest
+    kernel.rename(kernel.with_name("renamed_" + kernel.name))
+    assert bench.source_digest(str(copy)) not in (digest, changed)
 
 
 def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
