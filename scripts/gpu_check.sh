@@ -240,7 +240,7 @@ def every_variant():
 
 
 def one_dtype(dtype):
-    for shape in ((3, 5), (64, 20), (4, 1030)):
+    for shape in ((3, 5), (64, 20), (4, 1030)):  # flat forward: 1, 1 and 9 blocks
         mu = torch.randn(shape, device="cuda", dtype=dtype)
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
         for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
@@ -250,8 +250,9 @@ def one_dtype(dtype):
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
                     ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
-    # (8, 3001): a 16-block small grid (a cluster on sm_90); (8, 40001): a big grid (ticket).
-    for size in (3001, 40001):
+    # (8, 300): one block (float, 16-bit); (8, 3001): a 16-block small grid (a cluster on sm_90);
+    # (8, 40001): a big grid (ticket).
+    for size in (300, 3001, 40001):
         x_hat = torch.randn(8, size, device="cuda", dtype=dtype)
         x = torch.randn(8, size, device="cuda", dtype=dtype)
         for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :size - 1], x[:, :size - 1])):

@@ -505,9 +505,10 @@ def _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples):
     return z, kl, rng, loss, grad_unit
 
 
-# (latent shape, data shape): small grids of 1 to 16 blocks (the cluster sizes) and, last, one
-# just past the small-grid limit of each op (ticket either way).
-SMALL_GRIDS = [((128, 20), (128, 784)), ((3, 5), (3, 7)), ((6, 333), (6, 1001)), ((64, 512), (16, 8192)),
+# (latent shape, data shape), in float32: one block (up to 1024 chunks of 4 elements; mnist's
+# latent, tiny), clusters of 9 to 16 blocks (mnist's data; odd sizes: 9 and 12 blocks; at the
+# limit: 16) and, last, one just past the small-grid limit of each op (ticket either way).
+SMALL_GRIDS = [((128, 20), (128, 784)), ((3, 5), (3, 7)), ((13, 333), (6, 1001)), ((64, 512), (16, 8192)),
                ((64, 513), (16, 8193))]
 
 
@@ -544,7 +545,8 @@ def test_cluster_and_ticket_reductions_give_the_same_bits(restore_cluster_switch
 
 
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):
-    """A captured mnist-size step (small grids: clusters on Hopper) replays to the eager values."""
+    """A captured mnist-size step (small grids: one block for the latent, a cluster on Hopper for
+    the data) replays to the eager values."""
     mu, logvar = randn((128, 20), seed=1), randn((128, 20), seed=2, scale=0.6)
     x_hat, x = randn((128, 784), seed=3), randn((128, 784), seed=4)
     eps = randn((128, 20), seed=5)

@@ -65,24 +65,41 @@ inline int64_t flat_blocks(int64_t work) {
 // backward that reads the same bytes at (128, 784)). Small problems are therefore given at most
 // kMaxClusterBlocks blocks of up to kMaxClusterThreads threads: few enough partials to be combined
 // inside one thread-block cluster on sm_90 (no global memory, no atomics; see grid_total), and
-// still spread over 16 SMs for bandwidth. The flat reducing kernels are compiled for blocks of up to
-// kMaxClusterThreads threads at the register budget of kThreads x kMinBlocksPerSM (64 per thread
-// for float), so the big grids' code is unchanged.
+// still spread over 16 SMs for bandwidth.
 constexpr int64_t kMaxClusterBlocks = 16;
 constexpr int64_t kMaxClusterThreads = 512;
+// The smallest problems skip the cross-block step altogether: one block, one chunk per thread,
+// while the chunks fit in kMaxOneBlockThreads threads (512 for double, whose kernels keep their
+// register budget). On an H100 that step cost about 1 us, cluster and ticket alike: the sample+KL
+// forward took 2.0 us as one 64-thread block and 3.0 us as a cluster of four 128-thread blocks
+// with the same work per thread (benches/RESULTS.md, "Where the small steps' kernel time goes").
 template <typename scalar_t>
-constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxClusterThreads;
+constexpr int64_t kMaxOneBlockThreads = sizeof(scalar_t) == 8 ? 512 : 1024;
+// The flat reducing kernels are compiled for blocks of up to kMaxFlatThreads threads at the
+// register budget of kThreads x kMinBlocksPerSM (64 per thread for float, 128 for double), so the
+// big grids' code is unchanged.
+template <typename scalar_t>
+constexpr int kMaxFlatThreads =
+    static_cast<int>(kMaxOneBlockThreads<scalar_t> > kMaxClusterThreads ? kMaxOneBlockThreads<scalar_t>
+                                                                         : kMaxClusterThreads);
+template <typename scalar_t>
+constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxFlatThreads<scalar_t>;
+static_assert(kMinWideBlocksPerSM<float> == 1 && kMinWideBlocksPerSM<double> == 1,
+              "one wide block per SM at the narrow kernels' register budget");
 
 struct FlatGrid {
   int64_t blocks;
   int64_t threads;
 };
 
-// Launch shape of a flat reducing kernel over `chunks` work items whose threads take up to
-// `per_thread` of them in one pass: the small-grid shape (a block per kThreads items, at most
+// Launch shape of a flat reducing kernel over `chunks` work items of scalar_t data whose threads
+// take up to `per_thread` of them in one pass: one block of a thread per item while that fits in
+// kMaxOneBlockThreads; else the small-grid shape (a block per kThreads items, at most
 // kMaxClusterBlocks blocks, each of a multiple of 32 threads up to kMaxClusterThreads) when that
-// covers every item in one pass, else kThreads-thread blocks as flat_blocks. Size only: fixed order.
+// covers every item in one pass; else kThreads-thread blocks as flat_blocks. Size only: fixed order.
+template <typename scalar_t>
 inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
+  if (chunks <= kMaxOneBlockThreads<scalar_t>) return FlatGrid{1, round_up_warp(chunks)};
   if (chunks <= kMaxClusterBlocks * kMaxClusterThreads * per_thread) {
     FlatGrid g;
     g.blocks = std::max<int64_t>(1, std::min(kMaxClusterBlocks, ceil_div(chunks, kThreads)));

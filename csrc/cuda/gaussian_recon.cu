@@ -78,7 +78,7 @@ __device__ __forceinline__ void recon_scalar_range(const ForwardParams<scalar_t>
 
 // ---- forward: flat --------------------------------------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxClusterThreads, kMinWideBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinWideBlocksPerSM<scalar_t>)
     recon_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
           x_hat.options(), stream);
     } else {
       p.vec = aligned;
-      const FlatGrid grid = flat_reduction_grid(ceil_div(layout.numel, E), kUnroll);
+      const FlatGrid grid = flat_reduction_grid<scalar_t>(ceil_div(layout.numel, E), kUnroll);
       launch_reducing_kernel<recon_forward_flat_kernel<scalar_t>>(grid.blocks, grid.threads, grid.blocks, true, p,
                                                                   x_hat.options(), stream);
     }

@@ -176,7 +176,7 @@ __device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
 
 // ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxClusterThreads, kMinWideBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinWideBlocksPerSM<scalar_t>)
     reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk;
@@ -440,7 +440,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
         stream);
   } else {
     constexpr int E = kChunk;
-    const FlatGrid grid = flat_reduction_grid(ceil_div(n, E), 1);
+    const FlatGrid grid = flat_reduction_grid<scalar_t>(ceil_div(n, E), 1);
     // Vector chunks: every pointer, and with several draws every draw's start, chunk-aligned.
     const size_t chunk_align = kPackedAlign<scalar_t, E>;
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, chunk_align) &&
