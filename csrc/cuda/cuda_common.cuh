@@ -75,13 +75,12 @@ constexpr int64_t kMaxClusterThreads = 512;
 // with the same work per thread (benches/RESULTS.md, "Where the small steps' kernel time goes").
 template <typename scalar_t>
 constexpr int64_t kMaxOneBlockThreads = sizeof(scalar_t) == 8 ? 512 : 1024;
-// The flat reducing kernels are compiled for blocks of up to kMaxFlatThreads threads at the
-// register budget of kThreads x kMinBlocksPerSM (64 per thread for float, 128 for double), so the
-// big grids' code is unchanged.
+// The flat reducing kernels are compiled for blocks of up to kMaxFlatThreads threads (the one
+// block's, the larger shape) at the register budget of kThreads x kMinBlocksPerSM (64 per thread
+// for float, 128 for double), so the big grids' code is unchanged.
 template <typename scalar_t>
-constexpr int kMaxFlatThreads =
-    static_cast<int>(kMaxOneBlockThreads<scalar_t> > kMaxClusterThreads ? kMaxOneBlockThreads<scalar_t>
-                                                                         : kMaxClusterThreads);
+constexpr int kMaxFlatThreads = static_cast<int>(kMaxOneBlockThreads<scalar_t>);
+static_assert(kMaxOneBlockThreads<double> >= kMaxClusterThreads, "cluster blocks fit the flat kernels' bounds");
 template <typename scalar_t>
 constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxFlatThreads<scalar_t>;
 static_assert(kMinWideBlocksPerSM<float> == 1 && kMinWideBlocksPerSM<double> == 1,
