@@ -20,6 +20,12 @@
 #   abi-probe  (only when GPU_CHECK_STEPS names it) scripts/abi_probe.py: the image's C++ toolchain,
 #              and whether a TORCH_CHECK message with a streamed number crashes extensions built
 #              with it (see that script; fastelbo's messages no longer stream numbers)
+#   sweep      (only on request) where a small step's kernel time goes: the fastelbo provider, fp32
+#              fwd+bwd, from 8K to 25M data elements; the summary tabulates each kernel's time per
+#              step against the bytes the step moves (fixed cost and per-byte cost read off)
+#   ncu        (only on request) Nsight Compute on one mnist-mlp and one ldm-ae-256 step after
+#              warm-up: speed of light, launch statistics, occupancy, warp stalls (ncu.txt)
+#              e.g. GPU_CHECK_STEPS="sweep ncu" bash scripts/gpu_check.sh (about 2.5 minutes)
 # Every step runs under `timeout` and within an overall budget (GPU_CHECK_BUDGET seconds, default
 # 470: the whole script stays under 8 minutes on an H100); a failing step does not stop the others.
 # GPU_CHECK_STEPS picks steps (e.g. "build cuda-tests bench"; default: all of them, in the order
@@ -303,6 +309,55 @@ if [[ "$WANTED" == *" abi-probe "* ]]; then
   run_step abi-probe 120 "$PYTHON" scripts/abi_probe.py
 fi
 
+# ---- where a small step's kernel time goes (on request) ---------------------------------------------
+# (B, D, Z): mnist-mlp, then B = 8 with Z = D / 48 (ldm-ae-256's ratio) from 8K to 25M data elements.
+if [[ "$WANTED" == *" sweep "* ]]; then
+  run_step sweep 90 "$PYTHON" -m fastelbo bench --devices cuda --dtypes fp32 --providers fastelbo --modes fwd+bwd \
+    --sizes mnist-mlp 8,1024,32 8,12288,256 8,49152,1024 ldm-ae-256 8,786432,16384 8,3145728,65536 \
+    --no-compile --no-plot --no-progress --time-per-case 0.1 --out "$LOGS/sweep"
+fi
+if [[ "$WANTED" == *" ncu "* ]]; then
+  cat > "$LOGS/ncu_step.py" << 'EOF'
+"""One mnist-mlp and one ldm-ae-256 fp32 loss step under the profiler, after warm-up."""
+import torch
+
+import fastelbo
+
+
+def step(B, D, Z):
+    mu = torch.randn(B, Z, device="cuda", requires_grad=True)
+    logvar = torch.randn(B, Z, device="cuda", requires_grad=True)
+    x_hat = torch.randn(B, D, device="cuda", requires_grad=True)
+    x = torch.randn(B, D, device="cuda")
+    grad_z = torch.randn(B, Z, device="cuda")
+
+    def once():
+        z, kl = fastelbo.reparameterize_kl(mu, logvar)
+        rec = fastelbo.gaussian_recon_loss(x_hat, x)
+        torch.autograd.backward([rec + kl, z], [None, grad_z])
+
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    once()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+step(128, 784, 20)
+step(8, 196608, 4096)
+EOF
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2> /dev/null)
+  if [[ -n "$NCU" ]]; then
+    run_step ncu 100 "$NCU" --profile-from-start off --kernel-name regex:"reparam|recon" --section SpeedOfLight \
+      --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+      "$PYTHON" "$LOGS/ncu_step.py"
+  else
+    STEPS+=(ncu); STATUS+=("SKIPPED (no ncu)"); SECONDS_TAKEN+=(0)
+  fi
+fi
+
 # ---- summary --------------------------------------------------------------------------------------
 {
   echo
@@ -325,8 +380,12 @@ fi
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
-  "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" "$LOGS/bench-plain-backward/bench.json" << 'EOF'
+  [[ -f "$LOGS/ncu.log" ]] && grep -E "^  [a-z_]+.*\(|Duration|SM Active Cycles|Registers Per|Achieved Occupancy|Block Size|Grid Size|Warp Cycles Per Issued" \
+    "$LOGS/ncu.log" | head -n 120 | sed 's/^/ncu: /'
+  "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" "$LOGS/bench-plain-backward/bench.json" \
+    "$LOGS/sweep/bench.json" << 'EOF'
 import json
+import os
 import re
 import sys
 
@@ -353,6 +412,35 @@ def kernel_breakdown(row):
     return ", ".join(f"{short_kernel_name(name)} {us:.1f}" for name, us in (row.get("kernel_time_us_by_name") or {}).items())
 
 
+def sweep_table(path):
+    """Each kernel's time per step at each sweep size, against the bytes the step moves."""
+    sweep = load_json(path, "sweep")
+    if sweep is None:
+        return
+    machine = sweep["meta"]["machine"]
+    copy = sweep["meta"]["copy_bandwidth"]["cuda"]["GBps"]
+    rows = [r for r in sweep["results"] if r["provider"] == "fastelbo"]
+    per_row = []
+    for r in rows:
+        by_name = {}
+        for name, us in (r.get("kernel_time_us_by_name") or {}).items():
+            by_name[short_kernel_name(name)] = by_name.get(short_kernel_name(name), 0.0) + us
+        per_row.append(by_name)
+    names = sorted({n for by_name in per_row for n in by_name}, key=lambda n: -sum(b.get(n, 0.0) for b in per_row))
+    print(f"sweep (fp32 fwd+bwd, GPU {machine.get('gpu')}, copy {copy:.0f} GB/s, sources "
+          f"{machine.get('fastelbo_source_digest')}): kernel us per step; moved = (8N + 3M) s bytes")
+    print(f"{'B,D,Z':>16} {'N':>8} {'M':>9} {'moved MB':>8} {'at copy us':>10} {'all us':>7} "
+          + " ".join(f"{n[:27]:>27}" for n in names))
+    for r, by_name in zip(rows, per_row):
+        moved = (8 * r["N"] + 3 * r["M"]) * r["element_bytes"]
+        shape = f"{r['B']},{r['D']},{r['Z']}"
+        print(f"{shape:>16} {r['N']:8d} {r['M']:9d} {moved / 1e6:8.2f} {moved / copy / 1e3:10.2f} "
+              f"{r.get('kernel_time_us') or float('nan'):7.1f} "
+              + " ".join(f"{by_name.get(n, float('nan')):27.2f}" for n in names))
+
+
+if os.path.exists(sys.argv[4]):
+    sweep_table(sys.argv[4])
 data = load_json(sys.argv[1], "bench")
 if data is None:
     sys.exit(0)
@@ -426,6 +514,8 @@ cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
 [[ -f "$LOGS/bench-ticket/bench.json" ]] && cp "$LOGS/bench-ticket/bench.json" "$OUT/bench-ticket.json"
 [[ -f "$LOGS/bench-plain-backward/bench.json" ]] && cp "$LOGS/bench-plain-backward/bench.json" "$OUT/bench-plain-backward.json"
+[[ -f "$LOGS/sweep/bench.json" ]] && cp "$LOGS/sweep/bench.json" "$OUT/sweep.json"
+[[ -f "$LOGS/ncu.log" ]] && cp "$LOGS/ncu.log" "$OUT/ncu.txt"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 
 for status in "${STATUS[@]}"; do
