@@ -96,19 +96,49 @@ FASTELBO_HD acc_t uniform_open01(uint32_t bits) {
          static_cast<acc_t>(1.1641532182693481e-10);                               // 2^-33
 }
 
+// Tells the GPU compiler what is true of a Box-Muller angle, 2 pi u with u in (0, 1]: it is far below
+// the arguments for which CUDA's sincosf (|x| >= 105615) and sincos (|x| >= 2^31) take their slow
+// path (Payne-Hanek reduction through local memory). Written exactly as those tests, so that the
+// compiler drops the slow path and its branch; the fast path it keeps computes the same bits.
+// tests/test_codegen.py checks that the path is gone. Nothing on the host.
+FASTELBO_HD void assume_box_muller_angle(float angle) {
+#if defined(__CUDA_ARCH__)
+  __builtin_assume(!(::fabsf(angle) >= 105615.0f));
+#else
+  (void)angle;
+#endif
+}
+FASTELBO_HD void assume_box_muller_angle(double angle) {
+#if defined(__CUDA_ARCH__)
+  __builtin_assume(!(::fabs(angle) >= 2147483648.0));
+#else
+  (void)angle;
+#endif
+}
+
 // Box-Muller: two uniforms give two independent standard normals; four bits give four normals.
+// The logs and the sines and cosines of both pairs come first, the square roots last: on a GPU the
+// square root has a branch to a slow path (zero, denormals), and everything before it is then
+// one branch-free stretch in which the compiler interleaves the two pairs' polynomial chains (at
+// small sizes a thread's dependent chain is what a sampling kernel waits for). The order of the
+// statements changes no result.
 template <typename acc_t>
 FASTELBO_HD Normal4<acc_t> box_muller4(Philox4 bits) {
   constexpr acc_t kTwoPi = static_cast<acc_t>(6.283185307179586);
+  acc_t log_u[2], sin_angle[2], cos_angle[2];
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    log_u[pair] = log_(uniform_open01<acc_t>(bits.v[2 * pair]));
+    const acc_t angle = kTwoPi * uniform_open01<acc_t>(bits.v[2 * pair + 1]);
+    assume_box_muller_angle(angle);
+    sincos_(angle, &sin_angle[pair], &cos_angle[pair]);
+  }
   Normal4<acc_t> out;
 #pragma unroll
   for (int pair = 0; pair < 2; ++pair) {
-    const acc_t radius = sqrt_(static_cast<acc_t>(-2) * log_(uniform_open01<acc_t>(bits.v[2 * pair])));
-    const acc_t angle = kTwoPi * uniform_open01<acc_t>(bits.v[2 * pair + 1]);
-    acc_t sin_angle, cos_angle;
-    sincos_(angle, &sin_angle, &cos_angle);
-    out.v[2 * pair] = radius * cos_angle;
-    out.v[2 * pair + 1] = radius * sin_angle;
+    const acc_t radius = sqrt_(static_cast<acc_t>(-2) * log_u[pair]);
+    out.v[2 * pair] = radius * cos_angle[pair];
+    out.v[2 * pair + 1] = radius * sin_angle[pair];
   }
   return out;
 }
