@@ -112,6 +112,13 @@ inline bool scales_prepared_grad(at::ScalarType dtype) {
 // Hopper GPU. set_cuda_clusters_enabled returns the previous setting.
 bool cuda_clusters_enabled();
 bool set_cuda_clusters_enabled(bool enabled);
+// Whether the smallest flat CUDA reductions run as one block (no cross-block step at all;
+// csrc/cuda/cuda_common.cuh, flat_reduction_grid) instead of the small-grid shape. On unless
+// FASTELBO_CUDA_ONE_BLOCK=0 is in the environment when first asked. Unlike the cluster switch this
+// changes the summation order, so reduced losses may differ in the last bits; the switch is there
+// to time one shape against the other. set_cuda_one_block_enabled returns the previous setting.
+bool cuda_one_block_enabled();
+bool set_cuda_one_block_enabled(bool enabled);
 
 #ifdef FASTELBO_WITH_CUDA
 namespace cuda {

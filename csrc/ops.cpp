@@ -42,11 +42,19 @@ std::string shape_str(at::IntArrayRef shape) {
 
 namespace {
 
+// On unless the environment variable `name` is "0" when first asked.
+bool enabled_unless_zero(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::string(value) != "0";
+}
+
 std::atomic<bool>& cuda_clusters_flag() {
-  static std::atomic<bool> flag{[] {
-    const char* value = std::getenv("FASTELBO_CUDA_CLUSTERS");
-    return value == nullptr || std::string(value) != "0";
-  }()};
+  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_CLUSTERS")};
+  return flag;
+}
+
+std::atomic<bool>& cuda_one_block_flag() {
+  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_ONE_BLOCK")};
   return flag;
 }
 
@@ -55,6 +63,10 @@ std::atomic<bool>& cuda_clusters_flag() {
 bool cuda_clusters_enabled() { return cuda_clusters_flag().load(std::memory_order_relaxed); }
 
 bool set_cuda_clusters_enabled(bool enabled) { return cuda_clusters_flag().exchange(enabled); }
+
+bool cuda_one_block_enabled() { return cuda_one_block_flag().load(std::memory_order_relaxed); }
+
+bool set_cuda_one_block_enabled(bool enabled) { return cuda_one_block_flag().exchange(enabled); }
 
 namespace {
 
@@ -388,6 +400,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether small CUDA grids reduce inside a Hopper thread-block cluster (True, the default unless "
         "FASTELBO_CUDA_CLUSTERS=0) or through the global ticket (False; same results). Returns the "
         "previous setting.");
+  m.def("_cuda_one_block_enabled", &fastelbo::cuda_one_block_enabled,
+        "Whether the smallest flat CUDA reductions run as one block (see _set_cuda_one_block).");
+  m.def("_set_cuda_one_block", &fastelbo::set_cuda_one_block_enabled,
+        "Whether the smallest flat CUDA reductions run as one block (True, the default unless "
+        "FASTELBO_CUDA_ONE_BLOCK=0) or as the small grid of several blocks (False; another summation "
+        "order, so losses may differ in the last bits: for timing one shape against the other). "
+        "Returns the previous setting.");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(

@@ -9,6 +9,9 @@
 #   bench      python -m fastelbo bench on CUDA: mnist-mlp, ldm-ae-256, large; fp32 and bf16
 #   bench-ticket  the fastelbo provider again at mnist-mlp and ldm-ae-256 with FASTELBO_CUDA_CLUSTERS=0:
 #              small grids reduce through the global ticket instead of a thread-block cluster (A/B)
+#   bench-one-block  the fastelbo provider at mnist-mlp and (8, 12288, 256), with the defaults and
+#              then with FASTELBO_CUDA_ONE_BLOCK=0: the sample+KL forward's 640 and 512 chunks run as
+#              one block, then as a small grid of 5 and 4 blocks (A/B of the one-block shape)
 #   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
 #              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
 #              and x again (A/B of gaussian_recon_loss_finish_grad_)
@@ -212,6 +215,12 @@ run_step bench-ticket 60 env FASTELBO_CUDA_CLUSTERS=0 "$PYTHON" -m fastelbo benc
   --no-progress --time-per-case 0.3 --out "$LOGS/bench-ticket" ${BENCH_ARGS:-}
 
 # shellcheck disable=SC2086
+ONE_BLOCK_BENCH=("$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp 8,12288,256 --dtypes fp32,bf16
+  --providers fastelbo --modes fwd+bwd --no-compile --no-plot --no-progress --time-per-case 0.3 ${BENCH_ARGS:-})
+run_step bench-one-block 60 bash -c '"$@" --out "$0/on" && FASTELBO_CUDA_ONE_BLOCK=0 "$@" --out "$0/off"' \
+  "$LOGS/bench-one-block" "${ONE_BLOCK_BENCH[@]}"
+
+# shellcheck disable=SC2086
 run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
   --sizes mnist-mlp ldm-ae-256 large --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile \
   --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench-plain-backward" ${BENCH_ARGS:-}
@@ -383,7 +392,7 @@ fi
   [[ -f "$LOGS/ncu.log" ]] && grep -E "^  [a-z_]+.*\(|Duration|SM Active Cycles|Registers Per|Achieved Occupancy|Block Size|Grid Size|Warp Cycles Per Issued" \
     "$LOGS/ncu.log" | head -n 120 | sed 's/^/ncu: /'
   "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" "$LOGS/bench-plain-backward/bench.json" \
-    "$LOGS/sweep/bench.json" << 'EOF'
+    "$LOGS/sweep/bench.json" "$LOGS/bench-one-block/off/bench.json" "$LOGS/bench-one-block/on/bench.json" << 'EOF'
 import json
 import os
 import re
@@ -481,16 +490,25 @@ for item in data.get("refused", []) + data.get("errors", []):
 with_defaults = {(r["size"], r["dtype"]): r for r in rows if r["provider"] == "fastelbo"}
 
 
-def compare(path, label, what):
-    """The fastelbo rows of an A/B bench step next to the main bench's."""
+def compare(path, label, what, baseline_path=None):
+    """The fastelbo rows of an A/B bench step next to the main bench's, or next to those of the
+    step's own run with the defaults (baseline_path)."""
     other = load_json(path, label)
     if other is None:
         return
-    print(f"{label}: {what}, fwd+bwd (the main bench's figures in parentheses):")
+    baseline = with_defaults
+    if baseline_path is not None:
+        base = load_json(baseline_path, label + " (defaults)")
+        if base is None:
+            return
+        baseline = {(r["size"], r["dtype"]): r for r in base["results"]
+                    if r["provider"] == "fastelbo" and r["mode"] == "fwd+bwd"}
+    source = "the same step" if baseline_path else "the main bench"
+    print(f"{label}: {what}, fwd+bwd (with the defaults, from {source}, in parentheses):")
     for r in other["results"]:
         if r["provider"] != "fastelbo" or r["mode"] != "fwd+bwd":
             continue
-        c = with_defaults.get((r["size"], r["dtype"]), {})
+        c = baseline.get((r["size"], r["dtype"]), {})
         print(f"  {r['size']:<11} {r['dtype']:<5} kernel us {r.get('kernel_time_us') or float('nan'):.1f} "
               f"({c.get('kernel_time_us') or float('nan'):.1f}), step us {r['median_us']:.1f} "
               f"({c.get('median_us') or float('nan'):.1f}): {kernel_breakdown(r)}")
@@ -506,6 +524,8 @@ print(f"thread-block clusters for small grids (largest cluster per float32 forwa
 compare(sys.argv[2], "bench-ticket", "FASTELBO_CUDA_CLUSTERS=0, small grids reduce through the ticket")
 compare(sys.argv[3], "bench-plain-backward",
         "FASTELBO_GRAD_IN_FORWARD=0, the recon backward reads x_hat and x again")
+compare(sys.argv[5], "bench-one-block",
+        "FASTELBO_CUDA_ONE_BLOCK=0, the smallest reductions run as a small grid instead of one block", sys.argv[6])
 EOF
 } 2>&1 | tee "$LOGS/summary.txt"
 
@@ -514,6 +534,8 @@ cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
 [[ -f "$LOGS/bench-ticket/bench.json" ]] && cp "$LOGS/bench-ticket/bench.json" "$OUT/bench-ticket.json"
 [[ -f "$LOGS/bench-plain-backward/bench.json" ]] && cp "$LOGS/bench-plain-backward/bench.json" "$OUT/bench-plain-backward.json"
+[[ -f "$LOGS/bench-one-block/on/bench.json" ]] && cp "$LOGS/bench-one-block/on/bench.json" "$OUT/bench-one-block-on.json"
+[[ -f "$LOGS/bench-one-block/off/bench.json" ]] && cp "$LOGS/bench-one-block/off/bench.json" "$OUT/bench-one-block-off.json"
 [[ -f "$LOGS/sweep/bench.json" ]] && cp "$LOGS/sweep/bench.json" "$OUT/sweep.json"
 [[ -f "$LOGS/ncu.log" ]] && cp "$LOGS/ncu.log" "$OUT/ncu.txt"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"

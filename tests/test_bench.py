@@ -21,7 +21,7 @@ ROW_FIELDS = {
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
-                  "fastelbo_cuda_clusters", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths",
+                  "fastelbo_cuda_clusters", "fastelbo_cuda_one_block", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths",
                   "fastelbo_source_digest"}
 
 
@@ -231,11 +231,20 @@ def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
     assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is True
     assert data["meta"]["machine"]["fastelbo_cpu_vector_paths"] is fastelbo._C._cpu_vector_paths_enabled()
     capsys.readouterr()
+    assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is fastelbo._C._cuda_one_block_enabled()
+    capsys.readouterr()
     monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", False)
     rc, data, _ = run_bench(tmp_path / "switched", *fastelbo_args)
     assert rc == 0
     assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is False
     assert "fastelbo settings switched off: fastelbo_grad_in_forward" in capsys.readouterr().out
+    previous = fastelbo._C._set_cuda_one_block(False)
+    try:
+        _, data, _ = run_bench(tmp_path / "one-block-off", *fastelbo_args)
+    finally:
+        fastelbo._C._set_cuda_one_block(previous)
+    assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is False
+    assert "fastelbo_cuda_one_block" in capsys.readouterr().out
 
 
 def test_cli_refuses_wrong_providers(tmp_path, monkeypatch, capsys):

@@ -544,6 +544,43 @@ def test_cluster_and_ticket_reductions_give_the_same_bits(restore_cluster_switch
     torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
 
 
+@pytest.fixture
+def restore_one_block_switch():
+    previous = fastelbo._C._set_cuda_one_block(True)
+    yield
+    fastelbo._C._set_cuda_one_block(previous)
+
+
+# (latent shape, data shape) that run as one block (float32: up to 1024 chunks of 4 elements).
+ONE_BLOCK_SIZES = [((128, 20), (3, 100)), ((64, 64), (2, 2048)), ((3, 5), (1, 7))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shapes", ONE_BLOCK_SIZES, ids=["mnist-latent", "at-limit", "tiny"])
+def test_one_block_switch_keeps_the_values(restore_one_block_switch, shapes, dtype):
+    """FASTELBO_CUDA_ONE_BLOCK=0 (_set_cuda_one_block(False)) gives the smallest reductions the
+    small-grid shape: z, the RNG state and the prepared gradient are the same bits (they do not
+    depend on the grid), and both shapes' sums agree with float64 math."""
+    (B, Z), data_shape = shapes
+    mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
+    x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
+    code = RED["sum"]
+    results = {}
+    for one_block in (True, False):
+        fastelbo._C._set_cuda_one_block(one_block)
+        results[one_block] = _small_grid_outputs(mu, logvar, x_hat, x, code, 1)
+    for name, a, b in zip(("z", "rng_state", "grad_unit"), (results[True][i] for i in (0, 2, 4)),
+                          (results[False][i] for i in (0, 2, 4))):
+        assert torch.equal(a, b), f"{name}: differs between the one-block and the small-grid shape"
+    unused_eps = torch.zeros((B, Z), dtype=torch.float64, device=mu.device)
+    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction="sum", eps=unused_eps)[1]
+    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction="sum")
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for one_block, (_, kl, _, loss, _) in results.items():
+        torch.testing.assert_close(kl.double(), want_kl, rtol=tol, atol=tol, msg=f"kl, one block: {one_block}")
+        torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol, msg=f"loss, one block: {one_block}")
+
+
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):
     """A captured mnist-size step (small grids: one block for the latent, a cluster on Hopper for
     the data) replays to the eager values."""

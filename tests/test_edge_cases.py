@@ -433,21 +433,25 @@ def test_cpu_buffer_cache_reuses_and_empties():
     assert _C._cpu_cache_bytes() == 0
 
 
-def test_cuda_cluster_switch_reads_the_environment():
-    """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, anything else (or
-    nothing) leaves it on; _set_cuda_clusters returns the previous setting. Any build, any machine:
-    the switch is read on the host (tests/test_cuda.py checks both settings on a GPU)."""
+@pytest.mark.parametrize("variable, getter, setter", [
+    ("FASTELBO_CUDA_CLUSTERS", "_cuda_clusters_enabled", "_set_cuda_clusters"),
+    ("FASTELBO_CUDA_ONE_BLOCK", "_cuda_one_block_enabled", "_set_cuda_one_block"),
+])
+def test_cuda_switches_read_the_environment(variable, getter, setter):
+    """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, and
+    FASTELBO_CUDA_ONE_BLOCK=0 the one-block shape of the smallest reductions; anything else (or
+    nothing) leaves them on, and the setters return the previous setting. Any build, any machine:
+    the switches are read on the host (tests/test_cuda.py checks both settings on a GPU)."""
     import os
     import subprocess
     import sys
-    code = ("import fastelbo; c = fastelbo._C; "
-            "print(c._cuda_clusters_enabled(), c._set_cuda_clusters(True), c._set_cuda_clusters(False), "
-            "c._cuda_clusters_enabled())")
+    code = (f"import fastelbo; c = fastelbo._C; "
+            f"print(c.{getter}(), c.{setter}(True), c.{setter}(False), c.{getter}())")
     for value, want in (("0", ["False", "False", "True", "False"]), ("1", ["True", "True", "True", "False"]),
                         (None, ["True", "True", "True", "False"])):
-        env = {k: v for k, v in os.environ.items() if k != "FASTELBO_CUDA_CLUSTERS"}
+        env = {k: v for k, v in os.environ.items() if k != variable}
         if value is not None:
-            env["FASTELBO_CUDA_CLUSTERS"] = value
+            env[variable] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-4:] == want, (value, out.stdout)

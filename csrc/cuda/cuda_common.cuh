@@ -73,6 +73,8 @@ constexpr int64_t kMaxClusterThreads = 512;
 // register budget). On an H100 that step cost about 1 us, cluster and ticket alike: the sample+KL
 // forward took 2.0 us as one 64-thread block and 3.0 us as a cluster of four 128-thread blocks
 // with the same work per thread (benches/RESULTS.md, "Where the small steps' kernel time goes").
+// FASTELBO_CUDA_ONE_BLOCK=0 (cuda_one_block_enabled) gives these sizes the small-grid shape
+// instead, to time one against the other.
 template <typename scalar_t>
 constexpr int64_t kMaxOneBlockThreads = sizeof(scalar_t) == 8 ? 512 : 1024;
 // The flat reducing kernels are compiled for blocks of up to kMaxFlatThreads threads (the one
@@ -93,12 +95,13 @@ struct FlatGrid {
 
 // Launch shape of a flat reducing kernel over `chunks` work items of scalar_t data whose threads
 // take up to `per_thread` of them in one pass: one block of a thread per item while that fits in
-// kMaxOneBlockThreads; else the small-grid shape (a block per kThreads items, at most
+// kMaxOneBlockThreads (and cuda_one_block_enabled()); else the small-grid shape (a block per kThreads items, at most
 // kMaxClusterBlocks blocks, each of a multiple of 32 threads up to kMaxClusterThreads) when that
-// covers every item in one pass; else kThreads-thread blocks as flat_blocks. Size only: fixed order.
+// covers every item in one pass; else kThreads-thread blocks as flat_blocks. Size only (for a given
+// setting of the switch): fixed order.
 template <typename scalar_t>
 inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
-  if (chunks <= kMaxOneBlockThreads<scalar_t>) return FlatGrid{1, round_up_warp(chunks)};
+  if (chunks <= kMaxOneBlockThreads<scalar_t> && cuda_one_block_enabled()) return FlatGrid{1, round_up_warp(chunks)};
   if (chunks <= kMaxClusterBlocks * kMaxClusterThreads * per_thread) {
     FlatGrid g;
     g.blocks = std::max<int64_t>(1, std::min(kMaxClusterBlocks, ceil_div(chunks, kThreads)));
