@@ -95,13 +95,15 @@ struct FlatGrid {
 
 // Launch shape of a flat reducing kernel over `chunks` work items of scalar_t data whose threads
 // take up to `per_thread` of them in one pass: one block of a thread per item while that fits in
-// kMaxOneBlockThreads (and cuda_one_block_enabled()); else the small-grid shape (a block per kThreads items, at most
-// kMaxClusterBlocks blocks, each of a multiple of 32 threads up to kMaxClusterThreads) when that
-// covers every item in one pass; else kThreads-thread blocks as flat_blocks. Size only (for a given
-// setting of the switch): fixed order.
+// kMaxOneBlockThreads (unless cuda_one_block_enabled() says no); else the small-grid shape (a block
+// per kThreads items, at most kMaxClusterBlocks blocks, each of a multiple of 32 threads up to
+// kMaxClusterThreads) when that covers every item in one pass; else kThreads-thread blocks as
+// flat_blocks. Size only (for a given setting of the switch): fixed order.
 template <typename scalar_t>
 inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
-  if (chunks <= kMaxOneBlockThreads<scalar_t> && cuda_one_block_enabled()) return FlatGrid{1, round_up_warp(chunks)};
+  if (chunks <= kMaxOneBlockThreads<scalar_t> && cuda_one_block_enabled()) {
+    return FlatGrid{1, round_up_warp(chunks)};
+  }
   if (chunks <= kMaxClusterBlocks * kMaxClusterThreads * per_thread) {
     FlatGrid g;
     g.blocks = std::max<int64_t>(1, std::min(kMaxClusterBlocks, ceil_div(chunks, kThreads)));
