@@ -101,19 +101,16 @@ FASTELBO_HD acc_t uniform_open01(uint32_t bits) {
 // path (Payne-Hanek reduction through local memory). Written exactly as those tests, so that the
 // compiler drops the slow path and its branch; the fast path it keeps computes the same bits.
 // tests/test_codegen.py checks that the path is gone. Nothing on the host.
-FASTELBO_HD void assume_box_muller_angle(float angle) {
 #if defined(__CUDA_ARCH__)
-  __builtin_assume(!(::fabsf(angle) >= 105615.0f));
+#define FASTELBO_DEVICE_ASSUME(condition) __builtin_assume(condition)
 #else
-  (void)angle;
+#define FASTELBO_DEVICE_ASSUME(condition) ((void)sizeof(condition))  // not evaluated
 #endif
+FASTELBO_HD void assume_box_muller_angle(float angle) {
+  FASTELBO_DEVICE_ASSUME(!(::fabsf(angle) >= 105615.0f));
 }
 FASTELBO_HD void assume_box_muller_angle(double angle) {
-#if defined(__CUDA_ARCH__)
-  __builtin_assume(!(::fabs(angle) >= 2147483648.0));
-#else
-  (void)angle;
-#endif
+  FASTELBO_DEVICE_ASSUME(!(::fabs(angle) >= 2147483648.0));
 }
 
 // Box-Muller: two uniforms give two independent standard normals; four bits give four normals.
