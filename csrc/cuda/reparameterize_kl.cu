@@ -123,32 +123,29 @@ __device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uin
                                            uint64_t offset, int64_t i0, int count, acc_t (&kl)[R]) {
   const Packed<scalar_t, R> mu = load_pack<kFull, R>(p.mu + i0, count);
   const Packed<scalar_t, R> logvar = load_pack<kFull, R>(p.logvar + i0, count);
+  // The normals of draw k into eps (one group of 4 at a time).
+  acc_t eps[R];
+  auto draw = [&](int64_t k) {
+    for_each_eps_group<kFull, kGroupAligned, R>(p.eps, p.numel, seed, offset, k, i0, count,
+                                                [&](int e0, const acc_t (&group)[4]) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) eps[e0 + l] = group[l];
+    });
+  };
   // The first draw's normals before anything that reads mu or logvar: their Philox + Box-Muller
   // work needs no memory and runs while the loads are in flight. (Computed after the loads'
   // first use, exp(logvar / 2), the thread waited out the whole load latency first, then did that
   // work: the compiler does not move it across the branches of the draw loop.)
-  acc_t eps0[R];
-  for_each_eps_group<kFull, kGroupAligned, R>(p.eps, p.numel, seed, offset, 0, i0, count,
-                                              [&](int e0, const acc_t (&eps)[4]) {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) eps0[e0 + l] = eps[l];
-  });
+  draw(0);
   // exp(logvar / 2) once per element, for every draw and the KL (the compiler did not share it).
   acc_t std[R];
 #pragma unroll
   for (int e = 0; e < R; ++e) std[e] = math::posterior_std(to_acc<acc_t>(logvar.v[e]));
-  acc_t z[R];
+  for (int64_t k = 0; k < p.num_samples; ++k) {
+    if (k > 0) draw(k);
+    acc_t z[R];
 #pragma unroll
-  for (int e = 0; e < R; ++e) z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]), std[e], eps0[e]);
-  store_pack<kFull, R>(p.z + i0, z, count);
-  for (int64_t k = 1; k < p.num_samples; ++k) {
-    for_each_eps_group<kFull, kGroupAligned, R>(p.eps, p.numel, seed, offset, k, i0, count,
-                                                [&](int e0, const acc_t (&eps)[4]) {
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        z[e0 + l] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e0 + l]), std[e0 + l], eps[l]);
-      }
-    });
+    for (int e = 0; e < R; ++e) z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]), std[e], eps[e]);
     store_pack<kFull, R>(p.z + k * p.numel + i0, z, count);
   }
 #pragma unroll
