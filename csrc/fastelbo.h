@@ -100,7 +100,7 @@ void check_gaussian_recon_loss_finish_grad(const at::Tensor& grad_unit, const at
 // 16-bit ones are computed anew from x_hat and x (multiplying a rounded 16-bit value would round
 // twice, and float16 values may have lost their low bits among the subnormals that a loss scale
 // avoids).
-inline bool scales_prepared_grad(at::ScalarType dtype) {
+constexpr bool scales_prepared_grad(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble;
 }
 

@@ -219,7 +219,7 @@ void gaussian_recon_loss_finish_grad_cpu(const at::Tensor& grad_unit, const at::
     // (a CPU tensor: reading it costs no sync) g as the kernels use it, like the CUDA one
     const acc_t g = grad_loss.to(loss_dtype(grad_unit.scalar_type())).item<acc_t>();
     if (g == acc_t(1)) return;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float32/float64: scales_prepared_grad
+    if constexpr (scales_prepared_grad(c10::CppTypeToScalarType<scalar_t>::value)) {
       scalar_t* data = grad_unit.data_ptr<scalar_t>();
       at::parallel_for(0, grad_unit.numel(), kMinElementsPerThread, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) data[i] = g * data[i];
