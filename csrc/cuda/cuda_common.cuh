@@ -59,6 +59,43 @@ inline int64_t flat_blocks(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), kMaxBlocks));
 }
 
+// A launch shape: blocks of `threads` threads.
+struct FlatGrid {
+  int64_t blocks;
+  int64_t threads;
+};
+
+// Large blocks. The memory-bound grids (the flat forward reductions past the small sizes, the
+// reconstruction's backward kernels) use blocks of up to kLargeBlockThreads threads, four times
+// kThreads, at the same register budget and so the same threads per SM: one wave is 264 blocks of
+// 512 threads instead of 1056 of 128. A grid costs more the bigger it is even when it does nothing:
+// on an H100 the finish kernel, whose blocks all return at once in the usual loss.backward(),
+// took 1.11 us on 16 blocks of 128 threads, 1.20 on 196, 1.50 on 768 and 1.66-1.73 on 1056, and
+// the recon forward at ldm-ae-256 (1056 blocks) kept its SMs busy for 70% of its time
+// (benches/RESULTS.md, H100 run 2). Those grids grew in blocks and warps together; fewer, larger
+// blocks bet that blocks are what costs to launch (not timed yet).
+constexpr int kLargeBlockThreads = 512;
+template <typename scalar_t>
+constexpr int kLargeBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kLargeBlockThreads;
+static_assert(kLargeBlocksPerSM<float> * kLargeBlockThreads == kMinBlocksPerSM<float> * kThreads &&
+                  kLargeBlocksPerSM<double> * kLargeBlockThreads == kMinBlocksPerSM<double> * kThreads,
+              "large blocks keep the threads per SM, and so the register budget, of kThreads blocks");
+// Blocks a grid keeps while it can: two per SM of a 132-SM H100/H200, so that a grid below one
+// wave still spreads its work evenly over every SM.
+constexpr int64_t kMinLargeGrid = kMaxBlocks / 4;
+
+// Launch shape for `work` independent items, one per thread up to one wave of kMaxBlocks *
+// kThreads threads (grid-stride beyond): the widest blocks of kThreads, 2 * kThreads or
+// kLargeBlockThreads threads that still make kMinLargeGrid blocks. Below kMinLargeGrid * kThreads
+// items, flat_blocks' shape. Size only: a fixed summation order for the reducing kernels.
+inline FlatGrid large_block_grid(int64_t work) {
+  int64_t threads = kLargeBlockThreads;
+  while (threads > kThreads && ceil_div(work, threads) < kMinLargeGrid) threads /= 2;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, threads), kMaxBlocks * kThreads / threads));
+  return FlatGrid{blocks, threads};
+}
+
 // Small grids. A reduction over a big grid pays, after its last load, for the ticket: a fence, an
 // atomic round trip to L2 and the partials read back through L2, a chain of several hundred
 // nanoseconds in every forward kernel (on the H200, recon forward took 1.7 us more than the recon
@@ -88,17 +125,12 @@ constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxF
 static_assert(kMinWideBlocksPerSM<float> == 1 && kMinWideBlocksPerSM<double> == 1,
               "one wide block per SM at the narrow kernels' register budget");
 
-struct FlatGrid {
-  int64_t blocks;
-  int64_t threads;
-};
-
 // Launch shape of a flat reducing kernel over `chunks` work items of scalar_t data whose threads
 // take up to `per_thread` of them in one pass: one block of a thread per item while that fits in
 // kMaxOneBlockThreads (unless cuda_one_block_enabled() says no); else the small-grid shape (a block
 // per kThreads items, at most kMaxClusterBlocks blocks, each of a multiple of 32 threads up to
-// kMaxClusterThreads) when that covers every item in one pass; else kThreads-thread blocks as
-// flat_blocks. Size only (for a given setting of the switch): fixed order.
+// kMaxClusterThreads) when that covers every item in one pass; else large_block_grid's shape.
+// Size only (for a given setting of the switch): fixed order.
 template <typename scalar_t>
 inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
   if (chunks <= kMaxOneBlockThreads<scalar_t> && cuda_one_block_enabled()) {
@@ -110,7 +142,7 @@ inline FlatGrid flat_reduction_grid(int64_t chunks, int64_t per_thread) {
     g.threads = std::min(kMaxClusterThreads, round_up_warp(ceil_div(chunks, g.blocks)));
     return g;
   }
-  return FlatGrid{flat_blocks(chunks), kThreads};
+  return large_block_grid(chunks);
 }
 
 inline bool is_aligned(const void* p, size_t alignment) {

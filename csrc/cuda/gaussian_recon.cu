@@ -29,36 +29,6 @@ constexpr int kUnroll = 4;
 // The same for the per-sample ("none") forward, which keeps more loop state live.
 constexpr int kRowsUnroll = 2;
 
-// The backward kernels (recon_backward_kernel, recon_scale_grad_kernel) run in blocks of up to
-// kBackwardThreads threads, four times kThreads, at the same register budget and so the same
-// threads per SM: one wave is 264 blocks of 512 instead of 1056 of 128. In the usual
-// loss.backward() after a forward that prepared the gradient every block returns at once, and
-// such a grid costs more the bigger it is: on an H100 the returning finish kernel took 1.11 us on
-// 16 blocks of 128 threads, 1.20 on 196, 1.50 on 768 and 1.66-1.73 on 1056 (benches/RESULTS.md,
-// H100 run 2). Those grids grew in blocks and warps together; fewer, larger blocks bet that the
-// blocks are what costs (not timed yet). No reduction in these kernels: the block shape changes
-// no value.
-constexpr int kBackwardThreads = 512;
-template <typename scalar_t>
-constexpr int kBackwardBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kBackwardThreads;
-static_assert(kBackwardBlocksPerSM<float> * kBackwardThreads == kMinBlocksPerSM<float> * kThreads &&
-                  kBackwardBlocksPerSM<double> * kBackwardThreads == kMinBlocksPerSM<double> * kThreads,
-              "the backward kernels keep the threads per SM, and so the register budget, of kThreads blocks");
-// Blocks the backward grids keep while they can: two per SM of a 132-SM H100/H200, so that the
-// work of a grid below one wave (when x_hat's gradient is computed, not just returned) is still
-// spread evenly over every SM.
-constexpr int64_t kMinBackwardBlocks = kMaxBlocks / 4;
-
-// Launch shape of the backward kernels for `work` independent items, one per thread up to one
-// wave of kMaxBlocks * kThreads threads (grid-stride beyond): the widest blocks of kThreads,
-// 2 * kThreads or kBackwardThreads threads that still make kMinBackwardBlocks blocks.
-inline FlatGrid backward_grid(int64_t work) {
-  int64_t threads = kBackwardThreads;
-  while (threads > kThreads && ceil_div(work, threads) < kMinBackwardBlocks) threads /= 2;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, threads), kMaxBlocks * kThreads / threads));
-  return FlatGrid{blocks, threads};
-}
-
 template <typename scalar_t>
 struct ForwardParams {
   using acc_t = at::opmath_type<scalar_t>;
@@ -236,7 +206,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t>)
     recon_backward_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
@@ -314,7 +284,7 @@ struct ScaleParams {
 };
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t>)
     recon_scale_grad_kernel(const ScaleParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
@@ -430,7 +400,7 @@ void launch_recon_backward(const at::Tensor& grad_loss, const ReconOperands& row
     p.per_sample_size = layout.per_sample;
     p.vec = all_aligned({p.x_hat, p.x, p.grad_x_hat, p.grad_x}, 16);
     p.unit_grad_written = unit_grad_written;
-    const FlatGrid grid = backward_grid(ceil_div(layout.numel, E));
+    const FlatGrid grid = large_block_grid(ceil_div(layout.numel, E));
     recon_backward_kernel<scalar_t>
         <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -472,7 +442,7 @@ void gaussian_recon_loss_finish_grad_cuda(const at::Tensor& grad_unit, const at:
     p.data = grad_unit.data_ptr<scalar_t>();
     p.numel = grad_unit.numel();
     p.vec = all_aligned({p.data}, 16);
-    const FlatGrid grid = backward_grid(ceil_div(p.numel, kPack<scalar_t>));
+    const FlatGrid grid = large_block_grid(ceil_div(p.numel, kPack<scalar_t>));
     recon_scale_grad_kernel<scalar_t>
         <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
