@@ -119,6 +119,13 @@ bool set_cuda_clusters_enabled(bool enabled);
 // to time one shape against the other. set_cuda_one_block_enabled returns the previous setting.
 bool cuda_one_block_enabled();
 bool set_cuda_one_block_enabled(bool enabled);
+// Whether the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads
+// (csrc/cuda/cuda_common.cuh, large_block_grid) instead of 128. On unless
+// FASTELBO_CUDA_LARGE_BLOCKS=0 is in the environment when first asked. Like the one-block switch
+// it changes the summation order of the forward reductions; it is there to time one shape against
+// the other. set_cuda_large_blocks_enabled returns the previous setting.
+bool cuda_large_blocks_enabled();
+bool set_cuda_large_blocks_enabled(bool enabled);
 
 #ifdef FASTELBO_WITH_CUDA
 namespace cuda {

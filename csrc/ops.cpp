@@ -58,6 +58,11 @@ std::atomic<bool>& cuda_one_block_flag() {
   return flag;
 }
 
+std::atomic<bool>& cuda_large_blocks_flag() {
+  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_LARGE_BLOCKS")};
+  return flag;
+}
+
 }  // namespace
 
 bool cuda_clusters_enabled() { return cuda_clusters_flag().load(std::memory_order_relaxed); }
@@ -67,6 +72,10 @@ bool set_cuda_clusters_enabled(bool enabled) { return cuda_clusters_flag().excha
 bool cuda_one_block_enabled() { return cuda_one_block_flag().load(std::memory_order_relaxed); }
 
 bool set_cuda_one_block_enabled(bool enabled) { return cuda_one_block_flag().exchange(enabled); }
+
+bool cuda_large_blocks_enabled() { return cuda_large_blocks_flag().load(std::memory_order_relaxed); }
+
+bool set_cuda_large_blocks_enabled(bool enabled) { return cuda_large_blocks_flag().exchange(enabled); }
 
 namespace {
 
@@ -407,6 +416,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "FASTELBO_CUDA_ONE_BLOCK=0) or as the small grid of several blocks (False; another summation "
         "order, so losses may differ in the last bits: for timing one shape against the other). "
         "Returns the previous setting.");
+  m.def("_cuda_large_blocks_enabled", &fastelbo::cuda_large_blocks_enabled,
+        "Whether the memory-bound CUDA grids past the small sizes run in large blocks (see _set_cuda_large_blocks).");
+  m.def("_set_cuda_large_blocks", &fastelbo::set_cuda_large_blocks_enabled,
+        "Whether the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads (True, the "
+        "default unless FASTELBO_CUDA_LARGE_BLOCKS=0) or of 128 (False; another summation order for the "
+        "forward reductions, so losses may differ in the last bits: for timing one shape against the "
+        "other). Returns the previous setting.");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(

@@ -815,6 +815,8 @@ def machine_info():
         info["fastelbo_cuda_clusters"] = _fastelbo_C()._cuda_clusters_enabled()
         # The smallest CUDA reductions run as one block unless FASTELBO_CUDA_ONE_BLOCK=0.
         info["fastelbo_cuda_one_block"] = _fastelbo_C()._cuda_one_block_enabled()
+        # Memory-bound CUDA grids run in blocks of up to 512 threads unless FASTELBO_CUDA_LARGE_BLOCKS=0.
+        info["fastelbo_cuda_large_blocks"] = _fastelbo_C()._cuda_large_blocks_enabled()
         # The recon forward prepares the x_hat gradient unless FASTELBO_GRAD_IN_FORWARD=0.
         info["fastelbo_grad_in_forward"] = fastelbo.functional._GRAD_IN_FORWARD
         # AVX2/F16C CPU code where the processor has it (fastelbo._C._set_cpu_vector_paths).
@@ -1111,7 +1113,7 @@ def run(args):
     for device, c in copy.items():
         print(f"{device} copy bandwidth (read + write): {c['GBps']:.1f} GB/s")
     changed = [name for name in ("fastelbo_grad_in_forward", "fastelbo_cuda_clusters", "fastelbo_cuda_one_block",
-                                 "fastelbo_cpu_vector_paths")
+                                 "fastelbo_cuda_large_blocks", "fastelbo_cpu_vector_paths")
                if meta["machine"].get(name) is False]
     if changed:  # an A/B run: say so next to its numbers
         print("fastelbo settings switched off: " + ", ".join(changed) + " (README)")

@@ -12,6 +12,9 @@
 #   bench-one-block  the fastelbo provider at mnist-mlp and (8, 12288, 256), with the defaults and
 #              then with FASTELBO_CUDA_ONE_BLOCK=0: the sample+KL forward's 640 and 512 chunks run as
 #              one block, then as a small grid of 5 and 4 blocks (A/B of the one-block shape)
+#   bench-large-blocks  the fastelbo provider at ldm-ae-256, (8, 49152, 1024) and large, with the
+#              defaults and then with FASTELBO_CUDA_LARGE_BLOCKS=0: the memory-bound grids past the
+#              small sizes run in blocks of up to 512 threads, then of 128 (A/B of large_block_grid)
 #   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
 #              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
 #              and x again (A/B of gaussian_recon_loss_finish_grad_)
@@ -221,6 +224,13 @@ run_step bench-one-block 60 bash -c '"$@" --out "$0/on" && FASTELBO_CUDA_ONE_BLO
   "$LOGS/bench-one-block" "${ONE_BLOCK_BENCH[@]}"
 
 # shellcheck disable=SC2086
+LARGE_BLOCKS_BENCH=("$PYTHON" -m fastelbo bench --devices cuda --sizes ldm-ae-256 8,49152,1024 large
+  --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile --no-plot --no-progress
+  --time-per-case 0.3 ${BENCH_ARGS:-})
+run_step bench-large-blocks 75 bash -c '"$@" --out "$0/on" && FASTELBO_CUDA_LARGE_BLOCKS=0 "$@" --out "$0/off"' \
+  "$LOGS/bench-large-blocks" "${LARGE_BLOCKS_BENCH[@]}"
+
+# shellcheck disable=SC2086
 run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
   --sizes mnist-mlp ldm-ae-256 large --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile \
   --no-plot --no-progress --time-per-case 0.3 --out "$LOGS/bench-plain-backward" ${BENCH_ARGS:-}
@@ -392,7 +402,8 @@ fi
   [[ -f "$LOGS/ncu.log" ]] && grep -E "^  [a-z_]+.*\(|Duration|SM Active Cycles|Registers Per|Achieved Occupancy|Block Size|Grid Size|Warp Cycles Per Issued" \
     "$LOGS/ncu.log" | head -n 120 | sed 's/^/ncu: /'
   "$PYTHON" - "$LOGS/bench/bench.json" "$LOGS/bench-ticket/bench.json" "$LOGS/bench-plain-backward/bench.json" \
-    "$LOGS/sweep/bench.json" "$LOGS/bench-one-block/off/bench.json" "$LOGS/bench-one-block/on/bench.json" << 'EOF'
+    "$LOGS/sweep/bench.json" "$LOGS/bench-one-block/off/bench.json" "$LOGS/bench-one-block/on/bench.json" \
+    "$LOGS/bench-large-blocks/off/bench.json" "$LOGS/bench-large-blocks/on/bench.json" << 'EOF'
 import json
 import os
 import re
@@ -526,6 +537,9 @@ compare(sys.argv[3], "bench-plain-backward",
         "FASTELBO_GRAD_IN_FORWARD=0, the recon backward reads x_hat and x again")
 compare(sys.argv[5], "bench-one-block",
         "FASTELBO_CUDA_ONE_BLOCK=0, the smallest reductions run as a small grid instead of one block", sys.argv[6])
+compare(sys.argv[7], "bench-large-blocks",
+        "FASTELBO_CUDA_LARGE_BLOCKS=0, the memory-bound grids run in blocks of 128 threads instead of up to 512",
+        sys.argv[8])
 EOF
 } 2>&1 | tee "$LOGS/summary.txt"
 
@@ -536,6 +550,8 @@ cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench-plain-backward/bench.json" ]] && cp "$LOGS/bench-plain-backward/bench.json" "$OUT/bench-plain-backward.json"
 [[ -f "$LOGS/bench-one-block/on/bench.json" ]] && cp "$LOGS/bench-one-block/on/bench.json" "$OUT/bench-one-block-on.json"
 [[ -f "$LOGS/bench-one-block/off/bench.json" ]] && cp "$LOGS/bench-one-block/off/bench.json" "$OUT/bench-one-block-off.json"
+[[ -f "$LOGS/bench-large-blocks/on/bench.json" ]] && cp "$LOGS/bench-large-blocks/on/bench.json" "$OUT/bench-large-blocks-on.json"
+[[ -f "$LOGS/bench-large-blocks/off/bench.json" ]] && cp "$LOGS/bench-large-blocks/off/bench.json" "$OUT/bench-large-blocks-off.json"
 [[ -f "$LOGS/sweep/bench.json" ]] && cp "$LOGS/sweep/bench.json" "$OUT/sweep.json"
 [[ -f "$LOGS/ncu.log" ]] && cp "$LOGS/ncu.log" "$OUT/ncu.txt"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"

@@ -21,8 +21,8 @@ ROW_FIELDS = {
     "validation_s", "speedup_vs_eager", "speedup_vs_compile",
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
-                  "fastelbo_cuda_clusters", "fastelbo_cuda_one_block", "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths",
-                  "fastelbo_source_digest"}
+                  "fastelbo_cuda_clusters", "fastelbo_cuda_one_block", "fastelbo_cuda_large_blocks",
+                  "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths", "fastelbo_source_digest"}
 
 
 def run_bench(tmp_path, *extra):
@@ -245,6 +245,14 @@ def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
         fastelbo._C._set_cuda_one_block(previous)
     assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is False
     assert "fastelbo_cuda_one_block" in capsys.readouterr().out
+    assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is fastelbo._C._cuda_large_blocks_enabled()
+    previous = fastelbo._C._set_cuda_large_blocks(False)
+    try:
+        _, data, _ = run_bench(tmp_path / "large-blocks-off", *fastelbo_args)
+    finally:
+        fastelbo._C._set_cuda_large_blocks(previous)
+    assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is False
+    assert "fastelbo_cuda_large_blocks" in capsys.readouterr().out
 
 
 def test_cli_refuses_wrong_providers(tmp_path, monkeypatch, capsys):

@@ -581,6 +581,53 @@ def test_one_block_switch_keeps_the_values(restore_one_block_switch, shapes, dty
         torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol, msg=f"loss, one block: {one_block}")
 
 
+@pytest.fixture
+def restore_large_blocks_switch():
+    previous = fastelbo._C._set_cuda_large_blocks(True)
+    yield
+    fastelbo._C._set_cuda_large_blocks(previous)
+
+
+# (latent shape, data shape) past the small-grid limits, in float32: the large-block grids of 128,
+# 256 and 512 threads (large_block_grid in csrc/cuda/cuda_common.cuh; the latent in chunks of 4
+# elements, the data in chunks of 4 elements per thread and pass). The last one takes the sample+KL
+# kernels round the grid-stride loop and every unrolled load of the reconstruction's.
+LARGE_BLOCK_SIZES = [((64, 513), (16, 8193)), ((64, 5000), (4, 100003)), ((8, 90001), (3, 600001))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shapes", LARGE_BLOCK_SIZES, ids=["128-threads", "256-threads", "512-threads"])
+def test_large_blocks_switch_keeps_the_values(restore_large_blocks_switch, shapes, dtype):
+    """FASTELBO_CUDA_LARGE_BLOCKS=0 (_set_cuda_large_blocks(False)) gives the memory-bound grids
+    blocks of 128 threads: z, the RNG state, the prepared gradient and the backward's gradients
+    (plain, scaled in place and recomputed) are the same bits (no grid-dependent sum in them), and
+    both shapes' sums agree with float64 math."""
+    (B, Z), data_shape = shapes
+    mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
+    x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
+    code = RED["batchmean"]
+    grad = torch.tensor(2.5, device="cuda")
+    results = {}
+    for large in (True, False):
+        fastelbo._C._set_cuda_large_blocks(large)
+        z, kl, rng, loss, grad_unit = _small_grid_outputs(mu, logvar, x_hat, x, code, 1)
+        gxh, gx = ops.gaussian_recon_loss_backward(grad, x_hat, x, code, True, True)
+        finished = grad_unit.clone()
+        torch.ops.fastelbo.gaussian_recon_loss_finish_grad_(finished, grad, x_hat, x, code)
+        results[large] = dict(z=z, kl=kl, rng_state=rng, loss=loss, grad_unit=grad_unit, grad_x_hat=gxh,
+                              grad_x=gx, finished=finished)
+    for name in ("z", "rng_state", "grad_unit", "grad_x_hat", "grad_x", "finished"):
+        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with large blocks off"
+    unused_eps = torch.zeros((B, Z), dtype=torch.float64, device=mu.device)
+    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction="batchmean", eps=unused_eps)[1]
+    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction="batchmean")
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for large, r in results.items():
+        torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=f"kl, large blocks: {large}")
+        torch.testing.assert_close(r["loss"].double(), want_loss, rtol=tol, atol=tol,
+                                   msg=f"loss, large blocks: {large}")
+
+
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):
     """A captured mnist-size step (small grids: one block for the latent, a cluster on Hopper for
     the data) replays to the eager values."""

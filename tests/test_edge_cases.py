@@ -436,10 +436,12 @@ def test_cpu_buffer_cache_reuses_and_empties():
 @pytest.mark.parametrize("variable, getter, setter", [
     ("FASTELBO_CUDA_CLUSTERS", "_cuda_clusters_enabled", "_set_cuda_clusters"),
     ("FASTELBO_CUDA_ONE_BLOCK", "_cuda_one_block_enabled", "_set_cuda_one_block"),
+    ("FASTELBO_CUDA_LARGE_BLOCKS", "_cuda_large_blocks_enabled", "_set_cuda_large_blocks"),
 ])
 def test_cuda_switches_read_the_environment(variable, getter, setter):
     """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, and
-    FASTELBO_CUDA_ONE_BLOCK=0 the one-block shape of the smallest reductions; anything else (or
+    FASTELBO_CUDA_ONE_BLOCK=0 the one-block shape of the smallest reductions, and
+    FASTELBO_CUDA_LARGE_BLOCKS=0 the large blocks of the memory-bound grids; anything else (or
     nothing) leaves them on, and the setters return the previous setting. Any build, any machine:
     the switches are read on the host (tests/test_cuda.py checks both settings on a GPU)."""
     import os

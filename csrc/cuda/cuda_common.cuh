@@ -73,7 +73,8 @@ struct FlatGrid {
 // took 1.11 us on 16 blocks of 128 threads, 1.20 on 196, 1.50 on 768 and 1.66-1.73 on 1056, and
 // the recon forward at ldm-ae-256 (1056 blocks) kept its SMs busy for 70% of its time
 // (benches/RESULTS.md, H100 run 2). Those grids grew in blocks and warps together; fewer, larger
-// blocks bet that blocks are what costs to launch (not timed yet).
+// blocks bet that blocks are what costs to launch (not timed yet). FASTELBO_CUDA_LARGE_BLOCKS=0
+// (cuda_large_blocks_enabled) gives these grids flat_blocks' shape, to time one against the other.
 constexpr int kLargeBlockThreads = 512;
 template <typename scalar_t>
 constexpr int kLargeBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kLargeBlockThreads;
@@ -86,9 +87,11 @@ constexpr int64_t kMinLargeGrid = kMaxBlocks / 4;
 
 // Launch shape for `work` independent items, one per thread up to one wave of kMaxBlocks *
 // kThreads threads (grid-stride beyond): the widest blocks of kThreads, 2 * kThreads or
-// kLargeBlockThreads threads that still make kMinLargeGrid blocks. Below kMinLargeGrid * kThreads
-// items, flat_blocks' shape. Size only: a fixed summation order for the reducing kernels.
+// kLargeBlockThreads threads that still make kMinLargeGrid blocks. Up to 67,328 items (where 256
+// threads would make fewer) and with the switch off, flat_blocks' shape. Size only (for a given
+// setting of the switch): a fixed summation order for the reducing kernels.
 inline FlatGrid large_block_grid(int64_t work) {
+  if (!cuda_large_blocks_enabled()) return FlatGrid{flat_blocks(work), kThreads};
   int64_t threads = kLargeBlockThreads;
   while (threads > kThreads && ceil_div(work, threads) < kMinLargeGrid) threads /= 2;
   const int64_t blocks =
