@@ -265,7 +265,8 @@ def every_variant():
 
 
 def one_dtype(dtype):
-    for shape in ((3, 5), (64, 20), (4, 1030)):  # flat forward: 1, 1 and 9 blocks
+    # flat forward: 1, 1 and 9 blocks, then a big grid (ticket) of 313 large blocks of 256 threads
+    for shape in ((3, 5), (64, 20), (4, 1030), (16, 20001)):
         mu = torch.randn(shape, device="cuda", dtype=dtype)
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
         for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
@@ -276,8 +277,8 @@ def one_dtype(dtype):
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
                     ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
     # (8, 300): one block (float, 16-bit); (8, 3001): a 16-block small grid (a cluster on sm_90);
-    # (8, 40001): a big grid (ticket).
-    for size in (300, 3001, 40001):
+    # (8, 80001): a big grid (ticket) of large blocks, 512 threads (float32, float64) or 256 (16-bit).
+    for size in (300, 3001, 80001):
         x_hat = torch.randn(8, size, device="cuda", dtype=dtype)
         x = torch.randn(8, size, device="cuda", dtype=dtype)
         for xh, xv in ((x_hat, x), (unaligned(x_hat), unaligned(x)), (x_hat[:, :size - 1], x[:, :size - 1])):
