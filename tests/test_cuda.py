@@ -589,9 +589,9 @@ def restore_large_blocks_switch():
 
 
 # (latent shape, data shape) past the small-grid limits, in float32: the large-block grids of 128,
-# 256 and 512 threads (large_block_grid in csrc/cuda/cuda_common.cuh; the latent in chunks of 4
-# elements, the data in chunks of 4 elements per thread and pass). The last one takes the sample+KL
-# kernels round the grid-stride loop and every unrolled load of the reconstruction's.
+# 256 and 512 threads (large_block_grid in csrc/cuda/cuda_common.cuh; both in chunks of 4
+# elements). The last one takes the sample+KL kernels round the grid-stride loop and every
+# unrolled load of the reconstruction's.
 LARGE_BLOCK_SIZES = [((64, 513), (16, 8193)), ((64, 5000), (4, 100003)), ((8, 90001), (3, 600001))]
 
 
@@ -599,24 +599,28 @@ LARGE_BLOCK_SIZES = [((64, 513), (16, 8193)), ((64, 5000), (4, 100003)), ((8, 90
 @pytest.mark.parametrize("shapes", LARGE_BLOCK_SIZES, ids=["128-threads", "256-threads", "512-threads"])
 def test_large_blocks_switch_keeps_the_values(restore_large_blocks_switch, shapes, dtype):
     """FASTELBO_CUDA_LARGE_BLOCKS=0 (_set_cuda_large_blocks(False)) gives the memory-bound grids
-    blocks of 128 threads: z, the RNG state, the prepared gradient and the backward's gradients
-    (plain, scaled in place and recomputed) are the same bits (no grid-dependent sum in them), and
-    both shapes' sums agree with float64 math."""
+    blocks of 128 threads: z, the RNG state, the prepared gradient and both ops' backward gradients
+    (the recon's plain, scaled in place and recomputed) are the same bits (no grid-dependent sum in
+    them), and both shapes' sums agree with float64 math."""
     (B, Z), data_shape = shapes
     mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
     x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
+    grad_z = randn((B, Z), dtype, seed=5)
     code = RED["batchmean"]
     grad = torch.tensor(2.5, device="cuda")
     results = {}
     for large in (True, False):
         fastelbo._C._set_cuda_large_blocks(large)
-        z, kl, rng, loss, grad_unit = _small_grid_outputs(mu, logvar, x_hat, x, code, 1)
+        torch.manual_seed(11)
+        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
+        gm, glv = ops.reparameterize_kl_backward(grad_z, grad, mu, logvar, None, rng, pm, 1, code, 0.0)
+        loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
         gxh, gx = ops.gaussian_recon_loss_backward(grad, x_hat, x, code, True, True)
         finished = grad_unit.clone()
-        torch.ops.fastelbo.gaussian_recon_loss_finish_grad_(finished, grad, x_hat, x, code)
-        results[large] = dict(z=z, kl=kl, rng_state=rng, loss=loss, grad_unit=grad_unit, grad_x_hat=gxh,
-                              grad_x=gx, finished=finished)
-    for name in ("z", "rng_state", "grad_unit", "grad_x_hat", "grad_x", "finished"):
+        ops.gaussian_recon_loss_finish_grad_(finished, grad, x_hat, x, code)
+        results[large] = dict(z=z, kl=kl, rng_state=rng, grad_mu=gm, grad_logvar=glv, loss=loss,
+                              grad_unit=grad_unit, grad_x_hat=gxh, grad_x=gx, finished=finished)
+    for name in ("z", "rng_state", "grad_mu", "grad_logvar", "grad_unit", "grad_x_hat", "grad_x", "finished"):
         assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with large blocks off"
     unused_eps = torch.zeros((B, Z), dtype=torch.float64, device=mu.device)
     want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction="batchmean", eps=unused_eps)[1]

@@ -66,7 +66,7 @@ struct FlatGrid {
 };
 
 // Large blocks. The memory-bound grids (the flat forward reductions past the small sizes, the
-// reconstruction's backward kernels) use blocks of up to kLargeBlockThreads threads, four times
+// backward kernels) use blocks of up to kLargeBlockThreads threads, four times
 // kThreads, at the same register budget and so the same threads per SM: one wave is 264 blocks of
 // 512 threads instead of 1056 of 128. A grid costs more the bigger it is even when it does nothing:
 // on an H100 the finish kernel, whose blocks all return at once in the usual loss.backward(),

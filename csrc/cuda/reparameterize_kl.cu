@@ -381,7 +381,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t>)
     reparam_kl_backward_kernel(const BackwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk;
@@ -586,8 +586,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
                         chunk_align) &&
             (num_samples == 1 ||
              (layout.numel * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
-    const int64_t blocks = flat_blocks(ceil_div(layout.numel, E));
-    reparam_kl_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p);
+    const FlatGrid grid = large_block_grid(ceil_div(layout.numel, E));
+    reparam_kl_backward_kernel<scalar_t>
+        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_logvar};
