@@ -232,27 +232,23 @@ def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
     assert data["meta"]["machine"]["fastelbo_cpu_vector_paths"] is fastelbo._C._cpu_vector_paths_enabled()
     capsys.readouterr()
     assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is fastelbo._C._cuda_one_block_enabled()
+    assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is fastelbo._C._cuda_large_blocks_enabled()
     capsys.readouterr()
     monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", False)
     rc, data, _ = run_bench(tmp_path / "switched", *fastelbo_args)
     assert rc == 0
     assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is False
-    assert "fastelbo settings switched off: fastelbo_grad_in_forward" in capsys.readouterr().out
-    previous = fastelbo._C._set_cuda_one_block(False)
-    try:
-        _, data, _ = run_bench(tmp_path / "one-block-off", *fastelbo_args)
-    finally:
-        fastelbo._C._set_cuda_one_block(previous)
-    assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is False
-    assert "fastelbo_cuda_one_block" in capsys.readouterr().out
-    assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is fastelbo._C._cuda_large_blocks_enabled()
-    previous = fastelbo._C._set_cuda_large_blocks(False)
-    try:
-        _, data, _ = run_bench(tmp_path / "large-blocks-off", *fastelbo_args)
-    finally:
-        fastelbo._C._set_cuda_large_blocks(previous)
-    assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is False
-    assert "fastelbo_cuda_large_blocks" in capsys.readouterr().out
+    assert "fastelbo settings switched off: fastelbo_grad_in_forward (README)" in capsys.readouterr().out
+    monkeypatch.setattr(fastelbo.functional, "_GRAD_IN_FORWARD", True)
+    for setter, field in (("_set_cuda_one_block", "fastelbo_cuda_one_block"),
+                          ("_set_cuda_large_blocks", "fastelbo_cuda_large_blocks")):
+        previous = getattr(fastelbo._C, setter)(False)
+        try:
+            _, data, _ = run_bench(tmp_path / field, *fastelbo_args)
+        finally:
+            getattr(fastelbo._C, setter)(previous)
+        assert data["meta"]["machine"][field] is False
+        assert f"fastelbo settings switched off: {field} (README)" in capsys.readouterr().out
 
 
 def test_cli_refuses_wrong_providers(tmp_path, monkeypatch, capsys):
