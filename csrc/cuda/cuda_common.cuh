@@ -124,8 +124,8 @@ template <typename scalar_t>
 constexpr int kMaxFlatThreads = static_cast<int>(kMaxOneBlockThreads<scalar_t>);
 static_assert(kMaxOneBlockThreads<double> >= kMaxClusterThreads, "cluster blocks fit the flat kernels' bounds");
 template <typename scalar_t>
-constexpr int kMinWideBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxFlatThreads<scalar_t>;
-static_assert(kMinWideBlocksPerSM<float> == 1 && kMinWideBlocksPerSM<double> == 1,
+constexpr int kMinFlatBlocksPerSM = kMinBlocksPerSM<scalar_t> * kThreads / kMaxFlatThreads<scalar_t>;
+static_assert(kMinFlatBlocksPerSM<float> == 1 && kMinFlatBlocksPerSM<double> == 1,
               "one wide block per SM at the narrow kernels' register budget");
 
 // Launch shape of a flat reducing kernel over `chunks` work items of scalar_t data whose threads

@@ -78,7 +78,7 @@ __device__ __forceinline__ void recon_scalar_range(const ForwardParams<scalar_t>
 
 // ---- forward: flat --------------------------------------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinWideBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM<scalar_t>)
     recon_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;

@@ -186,7 +186,7 @@ __device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
 
 // ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinWideBlocksPerSM<scalar_t>)
+__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM<scalar_t>)
     reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kChunk;
