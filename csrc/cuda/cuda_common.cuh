@@ -66,9 +66,9 @@ struct FlatGrid {
 };
 
 // Large blocks. The memory-bound grids (the flat forward reductions past the small sizes, the
-// backward kernels) use blocks of up to kLargeBlockThreads threads, four times
-// kThreads, at the same register budget and so the same threads per SM: one wave is 264 blocks of
-// 512 threads instead of 1056 of 128. A grid costs more the bigger it is even when it does nothing:
+// backward kernels) use blocks of up to kLargeBlockThreads threads, four times kThreads, at the
+// same register budget and so the same threads per SM: one wave is 264 blocks of 512 threads
+// instead of 1056 of 128. A grid costs more the bigger it is even when it does nothing:
 // on an H100 the finish kernel, whose blocks all return at once in the usual loss.backward(),
 // took 1.11 us on 16 blocks of 128 threads, 1.20 on 196, 1.50 on 768 and 1.66-1.73 on 1056, and
 // the recon forward at ldm-ae-256 (1056 blocks) kept its SMs busy for 70% of its time
