@@ -480,11 +480,44 @@ def test_loss_step_never_waits_for_the_device(weight):
 
 # ---- small grids: one Hopper thread-block cluster instead of the ticket ----------------------
 
-@pytest.fixture
-def restore_cluster_switch():
-    previous = fastelbo._C._set_cuda_clusters(True)
-    yield
-    fastelbo._C._set_cuda_clusters(previous)
+def _restoring_switch(setter):
+    """A fixture that turns the A/B switch `setter` (fastelbo._C._set_cuda_...) on, its default, for
+    the test and puts it back as it was afterwards."""
+    @pytest.fixture
+    def restore():
+        previous = getattr(fastelbo._C, setter)(True)
+        yield
+        getattr(fastelbo._C, setter)(previous)
+    return restore
+
+
+restore_cluster_switch = _restoring_switch("_set_cuda_clusters")
+restore_one_block_switch = _restoring_switch("_set_cuda_one_block")
+restore_large_blocks_switch = _restoring_switch("_set_cuda_large_blocks")
+
+
+def _both_ways(setter, outputs):
+    """{True: outputs(), False: outputs()}, with the switch `setter` on, then off."""
+    results = {}
+    for on in (True, False):
+        getattr(fastelbo._C, setter)(on)
+        results[on] = outputs()
+    return results
+
+
+def _check_both_ways(results, same_bits, mu, logvar, x_hat, x, reduction, num_samples, what):
+    """The outputs named in same_bits are the same bits with the switch on and off, and both
+    settings' kl and recon loss agree with float64 math."""
+    for name in same_bits:
+        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with {what} off"
+    unused_eps = torch.zeros(results[True]["z"].shape, dtype=torch.float64, device=mu.device)  # kl ignores it
+    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction=reduction, eps=unused_eps,
+                                          num_samples=num_samples)[1]
+    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction=reduction)
+    tol = 1e-10 if mu.dtype == torch.float64 else 1e-5
+    for on, r in results.items():
+        torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=f"kl, {what}: {on}")
+        torch.testing.assert_close(r["loss"].double(), want_loss, rtol=tol, atol=tol, msg=f"loss, {what}: {on}")
 
 
 def test_hopper_gpus_get_the_cluster_reduction():
@@ -502,7 +535,7 @@ def _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples):
     torch.manual_seed(11)
     z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, 0.0)
     loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
-    return z, kl, rng, loss, grad_unit
+    return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, loss=loss, grad_unit=grad_unit)
 
 
 # (latent shape, data shape), in float32: one block (up to 1024 chunks of 4 elements; mnist's
@@ -528,27 +561,10 @@ def test_cluster_and_ticket_reductions_give_the_same_bits(restore_cluster_switch
     if not aligned:
         mu, logvar, x_hat, x = (_offset_view(t, 1) for t in (mu, logvar, x_hat, x))
     code = RED[reduction]
-    results = {}
-    for clusters in (True, False):
-        fastelbo._C._set_cuda_clusters(clusters)
-        results[clusters] = _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples)
-    for name, a, b in zip(("z", "kl", "rng_state", "recon loss", "grad_unit"), results[True], results[False]):
-        assert torch.equal(a, b), f"{name}: cluster and ticket reductions differ"
-    z, kl, _, loss, _ = results[True]
-    unused_eps = torch.zeros(z.shape, dtype=torch.float64, device=z.device)  # the KL does not depend on it
-    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction=reduction,
-                                          eps=unused_eps, num_samples=num_samples)[1]
-    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction=reduction)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}[dtype]
-    torch.testing.assert_close(kl.double(), want_kl, rtol=tol, atol=tol)
-    torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
-
-
-@pytest.fixture
-def restore_one_block_switch():
-    previous = fastelbo._C._set_cuda_one_block(True)
-    yield
-    fastelbo._C._set_cuda_one_block(previous)
+    results = _both_ways("_set_cuda_clusters",
+                         lambda: _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples))
+    _check_both_ways(results, ("z", "kl", "rng_state", "loss", "grad_unit"), mu, logvar, x_hat, x, reduction,
+                     num_samples, "clusters (the ticket instead)")
 
 
 # (latent shape, data shape) that run as one block (float32: up to 1024 chunks of 4 elements).
@@ -565,27 +581,8 @@ def test_one_block_switch_keeps_the_values(restore_one_block_switch, shapes, dty
     mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
     x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
     code = RED["sum"]
-    results = {}
-    for one_block in (True, False):
-        fastelbo._C._set_cuda_one_block(one_block)
-        results[one_block] = _small_grid_outputs(mu, logvar, x_hat, x, code, 1)
-    for name, a, b in zip(("z", "rng_state", "grad_unit"), (results[True][i] for i in (0, 2, 4)),
-                          (results[False][i] for i in (0, 2, 4))):
-        assert torch.equal(a, b), f"{name}: differs between the one-block and the small-grid shape"
-    unused_eps = torch.zeros((B, Z), dtype=torch.float64, device=mu.device)
-    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction="sum", eps=unused_eps)[1]
-    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction="sum")
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for one_block, (_, kl, _, loss, _) in results.items():
-        torch.testing.assert_close(kl.double(), want_kl, rtol=tol, atol=tol, msg=f"kl, one block: {one_block}")
-        torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol, msg=f"loss, one block: {one_block}")
-
-
-@pytest.fixture
-def restore_large_blocks_switch():
-    previous = fastelbo._C._set_cuda_large_blocks(True)
-    yield
-    fastelbo._C._set_cuda_large_blocks(previous)
+    results = _both_ways("_set_cuda_one_block", lambda: _small_grid_outputs(mu, logvar, x_hat, x, code, 1))
+    _check_both_ways(results, ("z", "rng_state", "grad_unit"), mu, logvar, x_hat, x, "sum", 1, "one block")
 
 
 # (latent shape, data shape) past the small-grid limits, in float32: the large-block grids of 128,
@@ -608,28 +605,19 @@ def test_large_blocks_switch_keeps_the_values(restore_large_blocks_switch, shape
     grad_z = randn((B, Z), dtype, seed=5)
     code = RED["batchmean"]
     grad = torch.tensor(2.5, device="cuda")
-    results = {}
-    for large in (True, False):
-        fastelbo._C._set_cuda_large_blocks(large)
-        torch.manual_seed(11)
-        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, 1, code, 0.0)
-        gm, glv = ops.reparameterize_kl_backward(grad_z, grad, mu, logvar, None, rng, pm, 1, code, 0.0)
-        loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
-        gxh, gx = ops.gaussian_recon_loss_backward(grad, x_hat, x, code, True, True)
-        finished = grad_unit.clone()
-        ops.gaussian_recon_loss_finish_grad_(finished, grad, x_hat, x, code)
-        results[large] = dict(z=z, kl=kl, rng_state=rng, grad_mu=gm, grad_logvar=glv, loss=loss,
-                              grad_unit=grad_unit, grad_x_hat=gxh, grad_x=gx, finished=finished)
-    for name in ("z", "rng_state", "grad_mu", "grad_logvar", "grad_unit", "grad_x_hat", "grad_x", "finished"):
-        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with large blocks off"
-    unused_eps = torch.zeros((B, Z), dtype=torch.float64, device=mu.device)
-    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), reduction="batchmean", eps=unused_eps)[1]
-    want_loss = reference.gaussian_recon_loss(x_hat.double(), x.double(), reduction="batchmean")
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for large, r in results.items():
-        torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=f"kl, large blocks: {large}")
-        torch.testing.assert_close(r["loss"].double(), want_loss, rtol=tol, atol=tol,
-                                   msg=f"loss, large blocks: {large}")
+
+    def outputs():
+        out = _small_grid_outputs(mu, logvar, x_hat, x, code, 1)
+        out["grad_mu"], out["grad_logvar"] = ops.reparameterize_kl_backward(
+            grad_z, grad, mu, logvar, None, out["rng_state"], out["kl_position_mean"], 1, code, 0.0)
+        out["grad_x_hat"], out["grad_x"] = ops.gaussian_recon_loss_backward(grad, x_hat, x, code, True, True)
+        out["finished"] = out["grad_unit"].clone()
+        ops.gaussian_recon_loss_finish_grad_(out["finished"], grad, x_hat, x, code)
+        return out
+
+    results = _both_ways("_set_cuda_large_blocks", outputs)
+    _check_both_ways(results, ("z", "rng_state", "grad_mu", "grad_logvar", "grad_unit", "grad_x_hat", "grad_x",
+                               "finished"), mu, logvar, x_hat, x, "batchmean", 1, "large blocks")
 
 
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):
