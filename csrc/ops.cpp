@@ -403,26 +403,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CPU kernels may use their x86-64 vector paths (True, the default) or run the "
         "portable scalar code that other processors run (False; for tests: values may differ in the "
         "last bit). Returns the previous setting.");
-  m.def("_cuda_clusters_enabled", &fastelbo::cuda_clusters_enabled,
-        "Whether small CUDA grids may reduce inside a Hopper thread-block cluster (see _set_cuda_clusters).");
-  m.def("_set_cuda_clusters", &fastelbo::set_cuda_clusters_enabled,
-        "Whether small CUDA grids reduce inside a Hopper thread-block cluster (True, the default unless "
-        "FASTELBO_CUDA_CLUSTERS=0) or through the global ticket (False; same results). Returns the "
-        "previous setting.");
-  m.def("_cuda_one_block_enabled", &fastelbo::cuda_one_block_enabled,
-        "Whether the smallest flat CUDA reductions run as one block (see _set_cuda_one_block).");
-  m.def("_set_cuda_one_block", &fastelbo::set_cuda_one_block_enabled,
-        "Whether the smallest flat CUDA reductions run as one block (True, the default unless "
-        "FASTELBO_CUDA_ONE_BLOCK=0) or as the small grid of several blocks (False; another summation "
-        "order, so losses may differ in the last bits: for timing one shape against the other). "
-        "Returns the previous setting.");
-  m.def("_cuda_large_blocks_enabled", &fastelbo::cuda_large_blocks_enabled,
-        "Whether the memory-bound CUDA grids past the small sizes run in large blocks (see _set_cuda_large_blocks).");
-  m.def("_set_cuda_large_blocks", &fastelbo::set_cuda_large_blocks_enabled,
-        "Whether the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads (True, the "
-        "default unless FASTELBO_CUDA_LARGE_BLOCKS=0) or of 128 (False; another summation order for the "
-        "forward reductions, so losses may differ in the last bits: for timing one shape against the "
-        "other). Returns the previous setting.");
+  // The CUDA A/B switches (csrc/fastelbo.h): _<name>_enabled() and _set_<name>(on), which returns
+  // the previous setting. `what`: what the switch, on, does; `off`: what runs instead.
+  const auto def_cuda_switch = [&m](const std::string& name, bool (*enabled)(), bool (*set)(bool),
+                                    const std::string& variable, const std::string& what,
+                                    const std::string& off) {
+    m.def(("_" + name + "_enabled").c_str(), enabled, ("Whether " + what + " (see _set_" + name + ").").c_str());
+    m.def(("_set_" + name).c_str(), set,
+          ("Whether " + what + " (True, the default unless " + variable + "=0) or " + off +
+           ". Returns the previous setting.")
+              .c_str());
+  };
+  def_cuda_switch("cuda_clusters", &fastelbo::cuda_clusters_enabled, &fastelbo::set_cuda_clusters_enabled,
+                  "FASTELBO_CUDA_CLUSTERS", "small CUDA grids reduce inside a Hopper thread-block cluster",
+                  "through the global ticket (False; same results)");
+  def_cuda_switch("cuda_one_block", &fastelbo::cuda_one_block_enabled, &fastelbo::set_cuda_one_block_enabled,
+                  "FASTELBO_CUDA_ONE_BLOCK", "the smallest flat CUDA reductions run as one block",
+                  "as the small grid of several blocks (False; another summation order, so losses may differ "
+                  "in the last bits: for timing one shape against the other)");
+  def_cuda_switch("cuda_large_blocks", &fastelbo::cuda_large_blocks_enabled,
+                  &fastelbo::set_cuda_large_blocks_enabled, "FASTELBO_CUDA_LARGE_BLOCKS",
+                  "the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads",
+                  "in blocks of 128 (False; another summation order for the forward reductions, so losses "
+                  "may differ in the last bits: for timing one shape against the other)");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(
