@@ -781,6 +781,13 @@ def source_digest(root):
     return digest.hexdigest()[:12]
 
 
+# The CUDA kernels' A/B switches (csrc/fastelbo.h; README): each on unless FASTELBO_<NAME>=0 (e.g.
+# FASTELBO_CUDA_CLUSTERS=0), read through fastelbo._C._<name>_enabled() and recorded in the JSON
+# as fastelbo_<name>: thread-block cluster reductions of small grids on sm_90, one block for the
+# smallest reductions, blocks of up to 512 threads for the memory-bound grids.
+CUDA_SWITCHES = ("cuda_clusters", "cuda_one_block", "cuda_large_blocks")
+
+
 def machine_info():
     info = {
         "platform": platform.platform(),
@@ -811,12 +818,8 @@ def machine_info():
 
         info["fastelbo"] = fastelbo.__version__
         info["fastelbo_built_with_cuda"] = BUILT_WITH_CUDA
-        # Small CUDA grids reduce in a thread-block cluster (sm_90) unless FASTELBO_CUDA_CLUSTERS=0.
-        info["fastelbo_cuda_clusters"] = _fastelbo_C()._cuda_clusters_enabled()
-        # The smallest CUDA reductions run as one block unless FASTELBO_CUDA_ONE_BLOCK=0.
-        info["fastelbo_cuda_one_block"] = _fastelbo_C()._cuda_one_block_enabled()
-        # Memory-bound CUDA grids run in blocks of up to 512 threads unless FASTELBO_CUDA_LARGE_BLOCKS=0.
-        info["fastelbo_cuda_large_blocks"] = _fastelbo_C()._cuda_large_blocks_enabled()
+        for name in CUDA_SWITCHES:  # on unless FASTELBO_<NAME>=0
+            info[f"fastelbo_{name}"] = getattr(_fastelbo_C(), f"_{name}_enabled")()
         # The recon forward prepares the x_hat gradient unless FASTELBO_GRAD_IN_FORWARD=0.
         info["fastelbo_grad_in_forward"] = fastelbo.functional._GRAD_IN_FORWARD
         # AVX2/F16C CPU code where the processor has it (fastelbo._C._set_cpu_vector_paths).
@@ -1112,9 +1115,9 @@ def run(args):
           f"GPU {meta['machine']['gpu']}")
     for device, c in copy.items():
         print(f"{device} copy bandwidth (read + write): {c['GBps']:.1f} GB/s")
-    changed = [name for name in ("fastelbo_grad_in_forward", "fastelbo_cuda_clusters", "fastelbo_cuda_one_block",
-                                 "fastelbo_cuda_large_blocks", "fastelbo_cpu_vector_paths")
-               if meta["machine"].get(name) is False]
+    settings = ["fastelbo_grad_in_forward", *(f"fastelbo_{name}" for name in CUDA_SWITCHES),
+                "fastelbo_cpu_vector_paths"]
+    changed = [name for name in settings if meta["machine"].get(name) is False]
     if changed:  # an A/B run: say so next to its numbers
         print("fastelbo settings switched off: " + ", ".join(changed) + " (README)")
     load = meta["load_average_start"]
