@@ -99,6 +99,12 @@ inline FlatGrid large_block_grid(int64_t work) {
   return FlatGrid{blocks, threads};
 }
 
+// Launches kKernel(params) on `grid`, on `stream` (a plain launch: no cluster).
+template <auto kKernel, typename Params>
+void launch_on_grid(const FlatGrid& grid, cudaStream_t stream, const Params& params) {
+  kKernel<<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(params);
+}
+
 // Small grids. A reduction over a big grid pays, after its last load, for the ticket: a fence, an
 // atomic round trip to L2 and the partials read back through L2, a chain of several hundred
 // nanoseconds in every forward kernel (on the H200, recon forward took 1.7 us more than the recon
@@ -694,7 +700,7 @@ void launch_reducing_kernel(int64_t blocks, int64_t threads, int64_t partial_cou
   params.partials = partials.data;
   params.slot = partials.slot;
   if (!cluster) {
-    kKernel<<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads), 0, stream>>>(params);
+    launch_on_grid<kKernel>(FlatGrid{blocks, threads}, stream, params);
     return;
   }
   cudaLaunchAttribute attribute;

@@ -400,9 +400,7 @@ void launch_recon_backward(const at::Tensor& grad_loss, const ReconOperands& row
     p.per_sample_size = layout.per_sample;
     p.vec = all_aligned({p.x_hat, p.x, p.grad_x_hat, p.grad_x}, 16);
     p.unit_grad_written = unit_grad_written;
-    const FlatGrid grid = large_block_grid(ceil_div(layout.numel, E));
-    recon_backward_kernel<scalar_t>
-        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
+    launch_on_grid<recon_backward_kernel<scalar_t>>(large_block_grid(ceil_div(layout.numel, E)), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -442,9 +440,7 @@ void gaussian_recon_loss_finish_grad_cuda(const at::Tensor& grad_unit, const at:
     p.data = grad_unit.data_ptr<scalar_t>();
     p.numel = grad_unit.numel();
     p.vec = all_aligned({p.data}, 16);
-    const FlatGrid grid = large_block_grid(ceil_div(p.numel, kPack<scalar_t>));
-    recon_scale_grad_kernel<scalar_t>
-        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
+    launch_on_grid<recon_scale_grad_kernel<scalar_t>>(large_block_grid(ceil_div(p.numel, kPack<scalar_t>)), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

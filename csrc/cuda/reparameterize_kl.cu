@@ -586,9 +586,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
                         chunk_align) &&
             (num_samples == 1 ||
              (layout.numel * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
-    const FlatGrid grid = large_block_grid(ceil_div(layout.numel, E));
-    reparam_kl_backward_kernel<scalar_t>
-        <<<static_cast<unsigned int>(grid.blocks), static_cast<unsigned int>(grid.threads), 0, stream>>>(p);
+    launch_on_grid<reparam_kl_backward_kernel<scalar_t>>(large_block_grid(ceil_div(layout.numel, E)), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_logvar};
