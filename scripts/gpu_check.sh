@@ -217,18 +217,20 @@ run_step bench-ticket 60 env FASTELBO_CUDA_CLUSTERS=0 "$PYTHON" -m fastelbo benc
   --sizes mnist-mlp ldm-ae-256 --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile --no-plot \
   --no-progress --time-per-case 0.3 --out "$LOGS/bench-ticket" ${BENCH_ARGS:-}
 
-# shellcheck disable=SC2086
-ONE_BLOCK_BENCH=("$PYTHON" -m fastelbo bench --devices cuda --sizes mnist-mlp 8,12288,256 --dtypes fp32,bf16
-  --providers fastelbo --modes fwd+bwd --no-compile --no-plot --no-progress --time-per-case 0.3 ${BENCH_ARGS:-})
-run_step bench-one-block 60 bash -c '"$@" --out "$0/on" && FASTELBO_CUDA_ONE_BLOCK=0 "$@" --out "$0/off"' \
-  "$LOGS/bench-one-block" "${ONE_BLOCK_BENCH[@]}"
-
-# shellcheck disable=SC2086
-LARGE_BLOCKS_BENCH=("$PYTHON" -m fastelbo bench --devices cuda --sizes ldm-ae-256 8,49152,1024 large
-  --dtypes fp32,bf16 --providers fastelbo --modes fwd+bwd --no-compile --no-plot --no-progress
-  --time-per-case 0.3 ${BENCH_ARGS:-})
-run_step bench-large-blocks 75 bash -c '"$@" --out "$0/on" && FASTELBO_CUDA_LARGE_BLOCKS=0 "$@" --out "$0/off"' \
-  "$LOGS/bench-large-blocks" "${LARGE_BLOCKS_BENCH[@]}"
+# ab_bench NAME LIMIT VARIABLE SIZE...: an A/B step. The fastelbo provider (fp32 and bf16,
+# forward+backward) at SIZE..., with the defaults into $LOGS/NAME/on, then with VARIABLE=0 into
+# $LOGS/NAME/off; the summary prints the two side by side.
+ab_bench() {
+  local name=$1 limit=$2 variable=$3
+  shift 3
+  # shellcheck disable=SC2086
+  local bench=("$PYTHON" -m fastelbo bench --devices cuda --sizes "$@" --dtypes fp32,bf16 --providers fastelbo
+    --modes fwd+bwd --no-compile --no-plot --no-progress --time-per-case 0.3 ${BENCH_ARGS:-})
+  run_step "$name" "$limit" bash -c '"${@:2}" --out "$0/on" && env "$1=0" "${@:2}" --out "$0/off"' \
+    "$LOGS/$name" "$variable" "${bench[@]}"
+}
+ab_bench bench-one-block 60 FASTELBO_CUDA_ONE_BLOCK mnist-mlp 8,12288,256
+ab_bench bench-large-blocks 75 FASTELBO_CUDA_LARGE_BLOCKS ldm-ae-256 8,49152,1024 large
 
 # shellcheck disable=SC2086
 run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
@@ -549,10 +551,11 @@ cp "$LOGS/summary.txt" "$OUT/summary.txt"
 [[ -f "$LOGS/bench-compile/bench.json" ]] && cp "$LOGS/bench-compile/bench.json" "$OUT/bench-compile.json"
 [[ -f "$LOGS/bench-ticket/bench.json" ]] && cp "$LOGS/bench-ticket/bench.json" "$OUT/bench-ticket.json"
 [[ -f "$LOGS/bench-plain-backward/bench.json" ]] && cp "$LOGS/bench-plain-backward/bench.json" "$OUT/bench-plain-backward.json"
-[[ -f "$LOGS/bench-one-block/on/bench.json" ]] && cp "$LOGS/bench-one-block/on/bench.json" "$OUT/bench-one-block-on.json"
-[[ -f "$LOGS/bench-one-block/off/bench.json" ]] && cp "$LOGS/bench-one-block/off/bench.json" "$OUT/bench-one-block-off.json"
-[[ -f "$LOGS/bench-large-blocks/on/bench.json" ]] && cp "$LOGS/bench-large-blocks/on/bench.json" "$OUT/bench-large-blocks-on.json"
-[[ -f "$LOGS/bench-large-blocks/off/bench.json" ]] && cp "$LOGS/bench-large-blocks/off/bench.json" "$OUT/bench-large-blocks-off.json"
+for name in bench-one-block bench-large-blocks; do
+  for side in on off; do
+    [[ -f "$LOGS/$name/$side/bench.json" ]] && cp "$LOGS/$name/$side/bench.json" "$OUT/$name-$side.json"
+  done
+done
 [[ -f "$LOGS/sweep/bench.json" ]] && cp "$LOGS/sweep/bench.json" "$OUT/sweep.json"
 [[ -f "$LOGS/ncu.log" ]] && cp "$LOGS/ncu.log" "$OUT/ncu.txt"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
