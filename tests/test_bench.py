@@ -230,7 +230,6 @@ def test_cli_records_fastelbo_settings(tmp_path, monkeypatch, capsys):
     _, data, _ = run_bench(tmp_path / "default", *fastelbo_args)
     assert data["meta"]["machine"]["fastelbo_grad_in_forward"] is True
     assert data["meta"]["machine"]["fastelbo_cpu_vector_paths"] is fastelbo._C._cpu_vector_paths_enabled()
-    capsys.readouterr()
     assert data["meta"]["machine"]["fastelbo_cuda_one_block"] is fastelbo._C._cuda_one_block_enabled()
     assert data["meta"]["machine"]["fastelbo_cuda_large_blocks"] is fastelbo._C._cuda_large_blocks_enabled()
     capsys.readouterr()

@@ -433,12 +433,8 @@ def test_cpu_buffer_cache_reuses_and_empties():
     assert _C._cpu_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("variable, getter, setter", [
-    ("FASTELBO_CUDA_CLUSTERS", "_cuda_clusters_enabled", "_set_cuda_clusters"),
-    ("FASTELBO_CUDA_ONE_BLOCK", "_cuda_one_block_enabled", "_set_cuda_one_block"),
-    ("FASTELBO_CUDA_LARGE_BLOCKS", "_cuda_large_blocks_enabled", "_set_cuda_large_blocks"),
-])
-def test_cuda_switches_read_the_environment(variable, getter, setter):
+@pytest.mark.parametrize("name", ["cuda_clusters", "cuda_one_block", "cuda_large_blocks"])
+def test_cuda_switches_read_the_environment(name):
     """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, and
     FASTELBO_CUDA_ONE_BLOCK=0 the one-block shape of the smallest reductions, and
     FASTELBO_CUDA_LARGE_BLOCKS=0 the large blocks of the memory-bound grids; anything else (or
@@ -447,6 +443,7 @@ def test_cuda_switches_read_the_environment(variable, getter, setter):
     import os
     import subprocess
     import sys
+    variable, getter, setter = f"FASTELBO_{name.upper()}", f"_{name}_enabled", f"_set_{name}"
     code = (f"import fastelbo; c = fastelbo._C; "
             f"print(c.{getter}(), c.{setter}(True), c.{setter}(False), c.{getter}())")
     for value, want in (("0", ["False", "False", "True", "False"]), ("1", ["True", "True", "True", "False"]),
