@@ -181,11 +181,14 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     if (!grad_loss.defined()) {  // the loss was not used: no gradient
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
+    // The saved buffer may be handed out (or written) only when the graph is freed after this
+    // backward: under retain_graph a later backward would hand out or scale the same buffer in
+    // place, changing a gradient the caller already holds.
+    const bool buffer_is_ours = grad_unit.defined() && !torch::autograd::get_current_graph_task_keep_graph();
     if (grad_unit.defined() && is_cpu_one(grad_loss)) {
-      grads[0] = grad_unit;
+      grads[0] = buffer_is_ours ? grad_unit : grad_unit.clone();
       if (need_x) grads[1] = -grad_unit;
-    } else if (grad_unit.defined() && !need_x && reduction != kNone && !is_traced(grad_loss) &&
-               !torch::autograd::get_current_graph_task_keep_graph()) {
+    } else if (buffer_is_ours && !need_x && reduction != kNone && !is_traced(grad_loss)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       static const auto op = typed_op<GaussianReconLossFinishGradOp>("fastelbo::gaussian_recon_loss_finish_grad_");
       op.call(grad_unit, grad_loss, x_hat, x, reduction);

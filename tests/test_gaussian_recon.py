@@ -99,6 +99,30 @@ def test_loss_backward_twice_and_grad_modified_in_place(device, reduction, dtype
     assert torch.equal(x_hat.grad, g_x_hat) and torch.equal(x.grad, g_x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("second_weight", [1.0, 3.0])
+def test_gradient_handed_out_under_retain_graph_stays_put(device, second_weight, dtype):
+    """A gradient returned by a backward that retains the graph belongs to the caller: a later
+    backward of the same graph (incoming gradient 1, or another one, finishing the prepared buffer
+    in place) must not change it, and the caller editing it in place must not break that later
+    backward."""
+    x_hat, x = recon_inputs((4, 9), dtype, device, seed=stable_seed("retained", second_weight, dtype))
+    want_first, = torch.autograd.grad(fastelbo.gaussian_recon_loss(x_hat, x), x_hat)
+    loss = fastelbo.gaussian_recon_loss(x_hat, x)
+    first, = torch.autograd.grad(loss, x_hat, retain_graph=True)
+    assert torch.equal(first, want_first)
+    kept = first.clone()
+    second, = torch.autograd.grad(loss, x_hat, torch.tensor(second_weight, device=device))
+    assert torch.equal(first, kept), "a later backward changed a gradient already handed out"
+    assert torch.allclose(second.double(), second_weight * kept.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    # the caller's in-place edit of a handed-out gradient (e.g. in a hook)
+    loss = fastelbo.gaussian_recon_loss(x_hat, x)
+    first, = torch.autograd.grad(loss, x_hat, retain_graph=True)
+    first.mul_(0)
+    second, = torch.autograd.grad(loss, x_hat)
+    assert torch.equal(second, want_first)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_output_dtypes_and_shapes(device, reduction, dtype):
