@@ -198,6 +198,15 @@ FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t grad_z_eps_sum, acc_t 
   return grad_logvar_element(logvar, posterior_std(logvar), grad_z_eps_sum, grad_kl);
 }
 
+// Free bits: position j's batch-mean KL kbar_j enters the loss as max(kbar_j, free_bits), so its
+// KL gradient flows only where kbar_j >= free_bits (torch.clamp's gradient rule): not below the
+// floor, nor where kbar_j is NaN (the loss is NaN then; the reference gives those positions no KL
+// gradient either).
+template <typename acc_t>
+FASTELBO_HD bool free_bits_pass_gradient(acc_t position_mean, acc_t free_bits) {
+  return position_mean >= free_bits;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Unit-variance Gaussian decoder: rec = 1/2 (x_hat - x)^2, d rec / d x_hat = x_hat - x.
 template <typename acc_t>

@@ -70,7 +70,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
       free_bits: lam >= 0 nats (Kingma et al. 2016). With lam > 0 each latent position's batch-mean
         KL kbar_j is floored at lam: the loss is sum_j max(kbar_j, lam) for "batchmean", B times
         that for "sum", and that over the per-sample size for "mean"; positions below the floor
-        get no KL gradient. Not defined for "none" (ValueError).
+        (or with a NaN kbar_j) get no KL gradient. Not defined for "none" (ValueError).
       num_samples: K >= 1 draws of z in one call.
       generator: a torch.Generator on the inputs' device; default: torch's default generator, so
         torch.manual_seed(s) reproduces every draw bit for bit.

@@ -246,6 +246,30 @@ def test_nan_propagates_reparameterize_kl(device, dtype, where):
     assert torch.isnan(grad_logvar[1, 2]) or torch.isnan(grad_mu[1, 2])
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+@pytest.mark.parametrize("where", ["mu", "logvar"])
+def test_nan_under_free_bits_matches_the_reference(device, reduction, where):
+    """A NaN in one latent element under free bits makes its position's batch-mean KL NaN: the
+    loss is NaN, and that position gets no KL gradient in any sample, as torch.clamp's gradient
+    gives in the reference (a NaN is not above the floor). Every gradient, NaN or not, equals the
+    reference's."""
+    mu, logvar, eps = sample_inputs((4, 5), torch.float64, device, seed=stable_seed("nan-fb", where, reduction),
+                                    num_samples=2)
+    with torch.no_grad():
+        (mu if where == "mu" else logvar)[1, 2] = float("nan")
+    weights = torch.randn((2, 4, 5), generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    grads = {}
+    for name, fn in (("fused", fastelbo.reparameterize_kl), ("reference", reference.reparameterize_kl)):
+        z, kl = fn(mu, logvar, eps=eps, reduction=reduction, free_bits=0.1, num_samples=2)
+        assert torch.isnan(kl)
+        grads[name] = torch.autograd.grad((z * weights).sum() + kl, (mu, logvar))
+    for got, want, name in zip(grads["fused"], grads["reference"], ("grad_mu", "grad_logvar")):
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        outside = torch.ones_like(got, dtype=torch.bool)
+        outside[1, 2] = False
+        assert torch.isfinite(got[outside]).all(), f"{name}: the NaN reached other elements"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_inf_propagates_reparameterize_kl(device, dtype):
     mu, logvar, eps = sample_inputs((3, 5), dtype, device, seed=stable_seed("inf", dtype), requires_grad=False)

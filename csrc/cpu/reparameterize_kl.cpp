@@ -230,9 +230,9 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       }
       acc_t grad_kl_j[kSubBlock];
       for (int64_t j = 0; j < n; ++j) grad_kl_j[j] = grad_kl_row;
-      if (position_mean) {  // free bits: positions whose batch-mean KL is below the floor get no KL gradient
+      if (position_mean) {  // free bits: positions below the floor get no KL gradient
         for (int64_t j = 0; j < n; ++j) {
-          if (position_mean[first + j - b * D] < free_bits) grad_kl_j[j] = 0;
+          if (!math::free_bits_pass_gradient(position_mean[first + j - b * D], free_bits)) grad_kl_j[j] = 0;
         }
       }
       acc_t mu_block[kSubBlock], grad_mu_block[kSubBlock], grad_logvar_block[kSubBlock];

@@ -310,7 +310,7 @@ struct BackwardParams {
   const scalar_t* logvar;
   const scalar_t* eps;         // nullptr: regenerate from rng_state
   const int64_t* rng_state;    // (seed, offset) on the device
-  const acc_t* position_mean;  // free bits: positions with mean < free_bits get no KL gradient
+  const acc_t* position_mean;  // free bits: positions below the floor get no KL gradient
   acc_t free_bits;
   acc_t scale;
   int64_t numel, per_sample, num_samples;
@@ -364,7 +364,7 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
                 ? load_any<acc_t>(p.grad_kl, p.grad_kl_dtype, pos.row * p.grad_kl_stride) * p.scale
                 : grad_kl_all;
         // Free bits: positions whose batch-mean KL is below the floor get no KL gradient.
-        if (p.position_mean != nullptr && p.position_mean[pos.col] < p.free_bits) g = 0;
+        if (p.position_mean != nullptr && !math::free_bits_pass_gradient(p.position_mean[pos.col], p.free_bits)) g = 0;
       }
       grad_kl[e] = g;
       pos.next(p.per_sample);
