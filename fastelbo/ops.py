@@ -14,6 +14,8 @@ reduction names to the codes below and call the forward ops directly. `Reparamet
 `GaussianReconLoss` at the end of this module are the same fused ops as torch.autograd.Function
 subclasses, for code that works with Functions (README, "API").
 """
+import math
+
 import torch
 from torch._prims_common import make_contiguous_strides_for
 
@@ -54,7 +56,7 @@ def _reparameterize_kl_fake(mu, logvar, eps, generator, num_samples, reduction, 
     if eps is not None:
         _check_same_device("reparameterize_kl", "eps", eps, "mu", mu)
     z_shape = (num_samples, *mu.shape) if num_samples > 1 else mu.shape
-    per_sample = mu[0].numel() if free_bits > 0 else 0
+    per_sample = math.prod(mu.shape[1:]) if free_bits > 0 else 0  # (mu[0] does not exist when B = 0)
     return (
         mu.new_empty(z_shape),
         _reduced_loss_like(mu, reduction),

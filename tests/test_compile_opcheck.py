@@ -52,6 +52,28 @@ def test_opcheck_reparameterize_kl(device, config):
                     (*grads, mu, logvar, e, rng_state, kl_position_mean, num_samples, code, free_bits))
 
 
+@pytest.mark.parametrize("free_bits", [0.0, 0.3], ids=["plain", "free-bits"])
+@pytest.mark.parametrize("shape", [(0, 2, 5), (0,)], ids=["B0x2x5", "B0"])
+def test_opcheck_empty_batch(device, shape, free_bits):
+    """An empty batch (the reduction's identity, no kernel): the fake implementations give the
+    real ops' shapes, free bits' per-position means included (there is no mu[0] to size them by),
+    so torch.compile and FakeTensor take empty batches too."""
+    mu, logvar, eps = sample_inputs(shape, torch.float32, device, seed=stable_seed("empty", shape, free_bits),
+                                    requires_grad=False)
+    for reduction in ("sum", "batchmean"):
+        code = REDUCTIONS[reduction]
+        opcheck(ops.reparameterize_kl, (mu, logvar, eps, None, 1, code, free_bits))
+        opcheck(ops.reparameterize_kl, (mu.detach().requires_grad_(), logvar.detach().requires_grad_(), eps, None,
+                                        1, code, free_bits))
+        real = ops.reparameterize_kl(mu, logvar, None, None, 2, code, free_bits)
+        meta = ops.reparameterize_kl(mu.to("meta"), logvar.to("meta"), None, None, 2, code, free_bits)
+        assert [t.shape for t in meta] == [t.shape for t in real]
+        assert [t.dtype for t in meta] == [t.dtype for t in real]
+    x_hat, x = recon_inputs(shape, torch.float32, device, seed=stable_seed("empty-recon", shape))
+    for code in REDUCTIONS.values():
+        opcheck(ops.gaussian_recon_loss, (x_hat, x, code, code != REDUCTIONS["none"]))
+
+
 @pytest.mark.parametrize(
     "dtype, reduction",
     [(torch.float32, r) for r in REDUCTIONS] + [(torch.float16, "batchmean")],
