@@ -86,6 +86,8 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
     _check_tensor(logvar, "logvar", "reparameterize_kl")
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"reparameterize_kl: num_samples must be an int, got {num_samples!r}")
+    if num_samples >= 2**63:  # (the op's int64 argument; smaller bad counts are the op's to refuse)
+        raise ValueError(f"reparameterize_kl: num_samples must be below 2**63, got {num_samples}")
     if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
         raise TypeError(f"reparameterize_kl: free_bits must be a real number, got {free_bits!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

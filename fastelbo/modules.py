@@ -12,6 +12,8 @@ in plain PyTorch (fastelbo.reference), e.g. to compare the two on the same model
 backend eps is drawn with torch.randn instead of fastelbo's Philox stream, so the two backends draw
 different samples from the same seed.
 """
+import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,11 +50,16 @@ class VAEOutput(NamedTuple):
 
 
 def _check_options(beta, reduction, free_bits, backend, owner):
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"{owner}: beta must be a real number, got {beta!r}")
+    """The functional API's rules for the options a module stores, checked when it is built rather
+    than at its first call: TypeError for a non-number, ValueError for a bad value."""
+    for name, value in (("beta", beta), ("free_bits", free_bits)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or free_bits < 0:
+    if free_bits < 0:
         raise ValueError(f"{owner}: free_bits must be a number >= 0, got {free_bits!r}")
     if free_bits > 0 and reduction == "none":
         raise ValueError(f"{owner}: free_bits > 0 is not defined for reduction 'none'")

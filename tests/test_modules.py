@@ -2,6 +2,7 @@
 functional ops, and a VAE trained with them on the 8x8 digits learns, fused and reference alike."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,6 +207,17 @@ def test_bad_options_raise():
         fastelbo.VAE(nn.Identity(), nn.Identity(), backend="triton")
     with pytest.raises(TypeError, match="beta"):
         fastelbo.ELBOLoss(beta="1")
+    # the functional API's rules, checked when the module is built instead of at its first call
+    with pytest.raises(TypeError, match="free_bits"):
+        fastelbo.ELBOLoss(free_bits="0.5")
+    for name in ("beta", "free_bits"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            fastelbo.ELBOLoss(**{name: float("nan")})
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            fastelbo.VAE(nn.Identity(), nn.Identity(), **{name: float("inf")})
+    # any real number type, as for fastelbo.reparameterize_kl's free_bits
+    loss_fn = fastelbo.ELBOLoss(beta=np.float32(0.5), free_bits=np.float64(0.25))
+    assert (loss_fn.beta, loss_fn.free_bits) == (0.5, 0.25)
 
 
 def test_beta_is_settable_for_annealing():
