@@ -31,7 +31,11 @@ def device(request):
     return request.param
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+def requires_cuda(test):
+    """A test that needs a CUDA device: skipped without one, and marked `cuda`, so that `-m cuda`
+    (scripts/gpu_check.sh's core-cuda step) selects it on a GPU machine."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)(test))
+
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 
@@ -170,6 +174,7 @@ def compare_three_ways(fused_fn, ref_fn, inputs, grad_outputs, names):
     outs_same, grads_same = run_with_grads(ref_fn, inputs, grad_outputs)
     grad_outputs64 = None if grad_outputs is None else [g.double() for g in grad_outputs]
     outs64, grads64 = run_with_grads(ref_fn, inputs, grad_outputs64, dtype=torch.float64)
+    assert len(outs) == len(outs_same) == len(outs64), "the fused and reference functions return different outputs"
     for i, (o, s, r) in enumerate(zip(outs, outs_same, outs64)):
         assert_close_fp64(o, s, r, f"output {i}")
     for name, inp, g, s, r in zip(names, inputs, grads, grads_same, grads64):
@@ -206,7 +211,11 @@ def cpu_code_path(request):
     """Runs a test twice: with the CPU kernels' x86-64 vector paths allowed (AVX2, F16C: taken where
     the processor has them) and with the portable scalar code forced, which is all that processors
     without AVX2 and other architectures (aarch64) run, so that the test suite checks it here too.
-    Yields the path's name; the setting is restored after the test. No effect on CUDA."""
+    Yields the path's name; the setting is restored after the test. No effect on CUDA, so a CUDA
+    case runs once (the "portable" twin is skipped)."""
+    callspec = getattr(request.node, "callspec", None)
+    if request.param == "portable" and callspec is not None and callspec.params.get("device") == "cuda":
+        pytest.skip("the CPU code path does not apply to CUDA: the 'vector' twin runs this case")
     previous = fastelbo._C._set_cpu_vector_paths(request.param == "vector")
     try:
         yield request.param

@@ -1,5 +1,6 @@
 """`fastelbo bench`: the CLI end to end at a tiny size, its JSON, the byte floor, and the
 validation that refuses a wrong provider before it is timed."""
+import argparse
 import json
 import os
 import shutil
@@ -61,7 +62,7 @@ def test_parse_size():
     assert [s.name for s in bench.parse_size("mnist-mlp,large")] == ["mnist-mlp", "large"]
     assert bench.PRESETS["ldm-ae-256"] == (8, 196608, 4096) and bench.PRESETS["large"] == (64, 2**20, 2**14)
     for bad in ("nope", "1,2", "0,4,4", "1,2,x3"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError, match="size"):
             bench.parse_size(bad)
 
 

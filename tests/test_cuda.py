@@ -348,40 +348,60 @@ def test_bit_identical_over_runs(reduction, free_bits, dtype):
 
 
 def _poison_cuda_cache():
-    """Fill the caching allocator's free blocks (large and small pools) with NaN: outputs allocated
-    next reuse them, so an element a kernel forgets to write stays NaN."""
-    big = [torch.full((2**24,), float("nan"), device="cuda") for _ in range(4)]  # 4 x 64 MiB
-    small = [torch.full((2**16,), float("nan"), device="cuda") for _ in range(64)]  # 64 x 256 KiB
-    tiny = [torch.full((64,), float("nan"), device="cuda") for _ in range(256)]
-    del big, small, tiny
+    """Fill the caching allocator's free blocks (large and small pools) with all-ones bytes, which
+    read as NaN in every floating dtype (float64, float32, float16, bfloat16; a float32 NaN would
+    read as a finite float64 and as 0 in every other bfloat16): outputs allocated next reuse them,
+    so an element a kernel forgets to write stays NaN."""
+    held = [torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+            for nbytes, count in ((2**26, 4), (2**18, 64), (256, 256)) for _ in range(count)]
+    assert torch.isnan(held[0][:8].view(torch.float64)).all() and torch.isnan(held[-1].view(torch.bfloat16)).all()
+    del held
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+POISON_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", POISON_DTYPES, ids=[str(d).removeprefix("torch.") for d in POISON_DTYPES])
 @pytest.mark.parametrize("reduction,free_bits", RUN_CASES + [("mean", 0.0)], ids=[f"{r}-fb{f}" for r, f in RUN_CASES + [("mean", 0.0)]])
 @pytest.mark.parametrize("shapes", [((128, 20), (128, 784)), ((33, 4097), (33, 20001)), ((3, 5), (3, 7))],
                          ids=["mnist", "ragged", "tiny"])
 def test_every_output_element_written(shapes, reduction, free_bits, dtype):
+    """Every output lands in memory poisoned with NaN and comes back NaN-free: the forward ops
+    (drawn and given eps, one and two draws), the sample+KL backward with each incoming gradient
+    alone and both, and the recon backward and in-place finish at an incoming gradient other than 1
+    (the finish of a 16-bit buffer recomputes every element from x_hat and x)."""
     (B, Z), (_, D) = shapes
     mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.5)
     x_hat, x = randn((B, D), dtype, seed=3), randn((B, D), dtype, seed=4)
     code = RED[reduction]
-    for num_samples in (1, 2):
+
+    def assert_written(**outputs):
+        for name, t in outputs.items():
+            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+
+    for num_samples, given_eps in ((1, False), (2, False), (2, True)):
+        eps = randn((num_samples, B, Z), dtype, seed=5) if given_eps else None
         torch.cuda.synchronize()
         _poison_cuda_cache()
-        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, free_bits)
-        grad_kl = torch.ones_like(kl)
-        _poison_cuda_cache()
-        gm, glv = ops.reparameterize_kl_backward(torch.ones_like(z), grad_kl, mu, logvar, None, rng, pm,
-                                                 num_samples, code, free_bits)
-        for name, t in (("z", z), ("kl", kl), ("kl_position_mean", pm), ("grad_mu", gm), ("grad_logvar", glv)):
-            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, eps, None, num_samples, code, free_bits)
+        assert_written(z=z, kl=kl, kl_position_mean=pm)
+        grad_z, grad_kl = randn(z.shape, dtype, seed=6), randn(kl.shape, kl.dtype, seed=7)
+        for which, (gz, gk) in {"both": (grad_z, grad_kl), "z": (grad_z, None), "kl": (None, grad_kl)}.items():
+            _poison_cuda_cache()
+            gm, glv = ops.reparameterize_kl_backward(gz, gk, mu, logvar, eps, rng, pm, num_samples, code, free_bits)
+            assert_written(**{f"grad_mu ({which})": gm, f"grad_logvar ({which})": glv})
     for save in (False, True):
         _poison_cuda_cache()
         loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, save)
+        assert_written(loss=loss, grad_unit=grad_unit)
+        grad_loss = randn(loss.shape, loss.dtype, seed=8)
         _poison_cuda_cache()
-        gxh, gx = ops.gaussian_recon_loss_backward(torch.ones_like(loss), x_hat, x, code, True, True)
-        for name, t in (("loss", loss), ("grad_unit", grad_unit), ("grad_x_hat", gxh), ("grad_x", gx)):
-            assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+        gxh, gx = ops.gaussian_recon_loss_backward(grad_loss, x_hat, x, code, True, True)
+        assert_written(grad_x_hat=gxh, grad_x=gx)
+    if dtype in (torch.float16, torch.bfloat16) and reduction != "none":
+        unit = torch.full_like(x_hat, float("nan"))  # the recomputed buffer's old contents must not survive
+        ops.gaussian_recon_loss_finish_grad_(unit, torch.tensor(0.7, device="cuda"), x_hat, x, code)
+        assert_written(finished=unit)
 
 
 def test_concurrent_streams_get_separate_tickets():
@@ -456,6 +476,28 @@ def test_at_most_four_kernels_per_step():
     names = _cuda_kernel_names(step)
     ours = [n for n in names if "fastelbo" in n]
     assert len(ours) == 4, f"expected 4 fastelbo kernels, got {ours} (all: {names})"
+
+
+@pytest.mark.parametrize("reduction", list(RED))
+def test_empty_batch_runs_no_kernel_and_draws_nothing(reduction):
+    """An empty batch gets the reduction's identity without a fastelbo kernel (torch fills the
+    zeros) and leaves the CUDA generator where it was: the four ops called directly, also with
+    free bits."""
+    code = RED[reduction]
+    free_bits = 0.0 if reduction == "none" else 0.5
+    mu, x_hat = torch.zeros((0, 20), device="cuda"), torch.zeros((0, 3, 8), device="cuda")
+    grad_loss = torch.ones((0,) if reduction == "none" else (), device="cuda")
+    state = torch.cuda.get_rng_state()
+
+    def step():
+        z, kl, rng, pm = ops.reparameterize_kl(mu, mu, None, None, 2, code, free_bits)
+        ops.reparameterize_kl_backward(z, grad_loss, mu, mu, None, rng, pm, 2, code, free_bits)
+        ops.gaussian_recon_loss(x_hat, x_hat, code, reduction != "none")
+        ops.gaussian_recon_loss_backward(grad_loss, x_hat, x_hat, code, True, True)
+
+    names = _cuda_kernel_names(step)
+    assert not [n for n in names if "fastelbo" in n], names
+    assert torch.equal(torch.cuda.get_rng_state(), state), "an empty batch drew from the generator"
 
 
 @pytest.mark.parametrize("weight", [1.0, 3.0], ids=["loss.backward()", "scaled"])
@@ -740,7 +782,7 @@ def test_generator_argument():
     z4, _ = fastelbo.reparameterize_kl(mu, logvar)
     assert not torch.equal(torch.cuda.get_rng_state(), state), "the default generator must advance"
     assert not torch.equal(z1, z4)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="generator"):
         fastelbo.reparameterize_kl(mu, logvar, generator=torch.Generator())  # a CPU generator
 
 

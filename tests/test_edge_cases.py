@@ -187,11 +187,14 @@ def test_empty_batch(device, reduction, dtype, shape):
     mu = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
     logvar = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
     expected_loss_shape = (shape[0],) if reduction == "none" else ()
+    generator_state = torch.cuda.get_rng_state if device == "cuda" else torch.get_rng_state
     for num_samples, free_bits in ((1, 0.0), (2, 0.0), (1, 0.5)):
         if free_bits and reduction == "none":
             continue
+        state = generator_state()
         z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, num_samples=num_samples,
                                            free_bits=free_bits)
+        assert torch.equal(generator_state(), state), "an empty batch drew from the generator"
         assert z.shape == ((num_samples, *shape) if num_samples > 1 else shape) and z.dtype == dtype
         assert kl.shape == expected_loss_shape and kl.dtype == loss_dtype(dtype)
         assert torch.equal(kl, torch.zeros_like(kl))
