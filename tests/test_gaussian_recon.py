@@ -146,6 +146,28 @@ def test_default_reduction_is_batchmean(device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_and_fused_follow_the_formula_by_hand(device, reduction):
+    """Pins the reference (and the fused op) to DESIGN.md section 1 with nothing shared: per-sample
+    1/2 sum (x_hat - x)^2 in plain Python, reduced (mean: over all elements), and its x_hat
+    gradient (x_hat - x) times the reduction's scale."""
+    rows_hat = [[0.5, -1.25, 2.0, 0.0, 3.5], [1.0, 1.0, -0.75, 0.25, -2.0], [0.0, 0.125, 4.0, -1.0, 0.5]]
+    rows = [[1.5, -1.0, 0.5, 0.0, -0.5], [-1.0, 2.25, 0.0, 0.25, 1.0], [0.375, 0.0, 3.0, 2.0, -0.5]]
+    B, D = len(rows), len(rows[0])
+    per_sample = [0.5 * sum((a - b) ** 2 for a, b in zip(r_hat, r)) for r_hat, r in zip(rows_hat, rows)]
+    want, scale = {"none": (per_sample, 1.0), "sum": (sum(per_sample), 1.0),
+                   "batchmean": (sum(per_sample) / B, 1.0 / B), "mean": (sum(per_sample) / (B * D), 1.0 / (B * D))}[reduction]
+    want_grad = torch.tensor([[(a - b) * scale for a, b in zip(r_hat, r)] for r_hat, r in zip(rows_hat, rows)],
+                             dtype=torch.float64)
+    for fn in (reference.gaussian_recon_loss, fastelbo.gaussian_recon_loss):
+        x_hat = torch.tensor(rows_hat, dtype=torch.float64, device=device, requires_grad=True)
+        x = torch.tensor(rows, dtype=torch.float64, device=device)
+        loss = fn(x_hat, x, reduction=reduction)
+        torch.testing.assert_close(loss.detach().cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-15, atol=0)
+        grad, = torch.autograd.grad(loss.sum(), x_hat)
+        torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(device, reduction):
     x_hat, x = recon_inputs((3, 5), torch.float64, device, seed=stable_seed("gc", reduction), x_grad=True)
     assert torch.autograd.gradcheck(fused(reduction), (x_hat, x))

@@ -378,6 +378,25 @@ def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype, cpu_cod
             assert torch.equal(a, b), f"{name} of {shape} {reduction} {kwargs} differs from (8, 37) none"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_draws_are_the_float32_draws_rounded(device, dtype, cpu_code_path):
+    """16-bit inputs are computed in float32 with the same stream: after the same seed, z is the
+    float32 op's z on the upcast inputs rounded to the 16-bit type (to within one unit in its last
+    place: an FMA may round once where a multiply and an add round twice), and the float32 KL is
+    that op's KL (summation order aside). Ties the 16-bit draws to the checked float32 ones."""
+    mu, logvar = sample_inputs((6, 37), dtype, device, seed=21, with_eps=False, requires_grad=False)
+    for num_samples in (1, 3):
+        torch.manual_seed(99)
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, num_samples=num_samples, reduction="sum")
+        torch.manual_seed(99)
+        z32, kl32 = fastelbo.reparameterize_kl(mu.float(), logvar.float(), num_samples=num_samples, reduction="sum")
+        assert z.dtype == dtype and kl.dtype == torch.float32
+        want = z32.to(dtype).float()
+        one_ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).smallest_normal)
+        assert ((z.float() - want).abs() <= one_ulp).all(), f"K={num_samples}: z is not the float32 draw rounded"
+        torch.testing.assert_close(kl, kl32, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 23), (3, 70), (2, 16389)])
 def test_float32_normals_match_float64_stream(shape, cpu_code_path):
     """The float32 CPU normals (vectorized Box-Muller where AVX2 is available, including partial
