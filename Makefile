@@ -31,12 +31,22 @@ $(DEPS_STAMP): $(PY)
 	fi
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(DEPS)
-	touch $@
+	echo '$(DEPS)' > $@
 
 # --no-build-isolation: build against the torch installed above, not a second one in a build env.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
+
+# A stamp's date cannot tell that its step must be redone: the dependency list changed (a new
+# TORCH_VERSION, a new package; the deps stamp holds the list it installed), or the built
+# extension is gone (make clean, a deleted .so) while the sources are older than the build stamp.
+ifneq ($(file < $(DEPS_STAMP)),$(DEPS))
+.PHONY: $(DEPS_STAMP)
+endif
+ifeq ($(wildcard fastelbo/_C*.so),)
+.PHONY: $(BUILD_STAMP)
+endif
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -53,6 +53,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, make_out_dir, subcommand_main
+
 # ----------------------------------------------------------------------------------------------
 # sizes, dtypes, modes
 
@@ -70,6 +72,7 @@ DEFAULT_SIZES = {
 }
 QUICK_SIZES = ("mnist-mlp", "ldm-ae-256")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # validate's names
 DEFAULT_DTYPES = ("fp32", "bf16")
 MODES = ("fwd", "fwd+bwd")
 
@@ -946,42 +949,50 @@ def add_arguments(parser):
                              + ",".join(DEFAULT_SIZES["cuda"]))
     parser.add_argument("--size", action="append", metavar="B,D,Z", default=[],
                         help="one more size (repeatable), e.g. --size 16,1048576,16384")
-    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 or 'all' (default fp32,bf16)")
-    parser.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: those present)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma list of fp32,bf16,fp16 (or float32,bfloat16,float16) or 'all' (default fp32,bf16)")
+    parser.add_argument("--devices", default=None,
+                        help="comma list of cpu,cuda (default: cpu, and cuda where fastelbo's CUDA kernels can run)")
     parser.add_argument("--providers", default=None,
                         help="comma list of providers (default: all registered: " + ",".join(PROVIDERS) + ")")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,fwd+bwd (default both)")
-    parser.add_argument("--reps", type=int, default=None, help="timed steps per provider (default: adaptive)")
+    parser.add_argument("--reps", type=int_at_least(1), default=None, help="timed steps per provider (default: adaptive)")
     parser.add_argument("--time-per-case", type=float, default=None,
                         help="seconds of timed steps per provider, size, dtype and mode (default 1.0; --quick 0.1)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 3; --quick 2)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=None,
+                        help="untimed steps before timing (default 3; --quick 2)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (" + ",".join(QUICK_SIZES) + "), fp32, few reps: about a minute on 2 CPU cores")
     parser.add_argument("--out", default="fastelbo-bench", metavar="DIR",
                         help="folder for bench.json and bench.png (default ./fastelbo-bench)")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile-steps", type=int, default=5, help="CUDA: steps profiled for kernel time and launches")
-    parser.add_argument("--max-input-sets", type=int, default=32,
+    parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--profile-steps", type=int_at_least(1), default=5,
+                        help="CUDA: steps profiled for kernel time and launches")
+    parser.add_argument("--max-input-sets", type=int_at_least(1), default=32,
                         help="at most this many input sets cycled to defeat the cache (default 32)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch.set_num_threads for the CPU (default: torch's default, all cores)")
-    parser.add_argument("--copy-mib", type=int, default=None,
+    parser.add_argument("--copy-mib", type=int_at_least(1), default=None,
                         help="size of the tensor copied to measure the copy bandwidth (default: 4x the last-level "
                              "cache, 256 to 1024 MiB)")
     parser.add_argument("--list", action="store_true", help="list the presets and providers and exit")
 
 
-def _split(text):
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _split(text, option):
+    """The items of a comma list; a list with none is an error (it would measure nothing)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{option} {text!r} names nothing")
+    return items
 
 
 def _resolve(args):
     """-> (devices, {device: [Size]}, dtypes, providers, modes, Config); raises ValueError on bad input."""
-    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    devices = _split(args.devices) if args.devices else present
+    present = ["cpu"] + (["cuda"] if cuda_kernels_available() else [])
+    devices = _split(args.devices, "--devices") if args.devices else present
     for d in devices:
         if d not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {d!r} (cpu, cuda)")
@@ -1005,11 +1016,11 @@ def _resolve(args):
     elif args.dtypes == "all":
         dtypes = list(DTYPES)
     else:
-        dtypes = _split(args.dtypes)
+        dtypes = [DTYPE_ALIASES.get(dt, dt) for dt in _split(args.dtypes, "--dtypes")]
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"unknown dtype {dt!r} ({', '.join(DTYPES)})")
-    providers = _split(args.providers) if args.providers else list(PROVIDERS)
+    providers = _split(args.providers, "--providers") if args.providers else list(PROVIDERS)
     if args.no_compile:
         providers = [p for p in providers if p != "compile"]
     for p in providers:
@@ -1017,17 +1028,15 @@ def _resolve(args):
             raise ValueError(f"unknown provider {p!r} ({', '.join(PROVIDERS)})")
     if not providers:
         raise ValueError("no provider left to run")
-    modes = _split(args.modes)
+    modes = _split(args.modes, "--modes")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r} ({', '.join(MODES)})")
-    if args.reps is not None and args.reps < 1:
-        raise ValueError("--reps must be >= 1")
     cfg = Config(providers=providers, modes=modes, reps=args.reps, seed=args.seed,
                  time_per_case=args.time_per_case if args.time_per_case is not None else (0.1 if args.quick else 1.0),
                  min_reps=5 if args.quick else 10, max_reps=300 if args.quick else 2000,
                  warmup=args.warmup if args.warmup is not None else (2 if args.quick else 3),
-                 max_input_sets=max(1, args.max_input_sets), profile_steps=max(1, args.profile_steps))
+                 max_input_sets=args.max_input_sets, profile_steps=args.profile_steps)
     return devices, sizes, dtypes, cfg
 
 
@@ -1043,13 +1052,16 @@ def run(args):
     except ValueError as error:
         print(f"fastelbo bench: error: {error}", file=sys.stderr)
         return 2
+    out_error = make_out_dir(args.out, "bench")
+    if out_error:
+        print(out_error, file=sys.stderr)
+        return 2
+    if args.devices is None and cpu_only_build_note("bench"):
+        print(cpu_only_build_note("bench"), file=sys.stderr)
 
     from tqdm import tqdm
 
     if args.threads is not None:
-        if args.threads < 1:
-            print("fastelbo bench: error: --threads must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
 
     def log(message):
@@ -1058,8 +1070,8 @@ def run(args):
     started = time.time()
     torch.manual_seed(cfg.seed)
     meta = {
-        "command": shlex.join(["fastelbo"] + sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
-        "arguments": {k: v for k, v in vars(args).items() if not callable(v)},
+        "command": shlex.join(args.command_line) if getattr(args, "command_line", None) else None,
+        "arguments": {k: v for k, v in vars(args).items() if not callable(v) and k != "command_line"},
         "argv": sys.argv,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -1136,23 +1148,24 @@ def run(args):
     for e in errors:
         print(f"ERROR {e['device']} {e['dtype']} {e['size']}: {e['error']}")
 
-    os.makedirs(args.out, exist_ok=True)
     result = {"meta": meta, "results": rows, "refused": refused, "skipped": skipped, "errors": errors}
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {json_path}")
     if not args.no_plot and rows:
-        plot_path = os.path.join(args.out, "bench.png")
-        write_plot(rows, plot_path)
-        print(f"wrote {plot_path}")
+        if any(r["provider"] != BASELINE and r["speedup_vs_eager"] is not None for r in rows):
+            plot_path = os.path.join(args.out, "bench.png")
+            write_plot(rows, plot_path)
+            print(f"wrote {plot_path}")
+        else:
+            print(f"no bench.png: it plots speedups over the {BASELINE} provider, which this run did not time")
     return 1 if refused or errors else 0
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastelbo bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m fastelbo.bench ...`: the same as `fastelbo bench ...`."""
+    return subcommand_main("bench", argv)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,60 @@ SUBCOMMANDS = {
 }
 
 
-def int_at_least(minimum):
-    """An argparse `type=`: an integer >= minimum (otherwise argparse prints the usage and exits 2)."""
+# Seeds the commands accept: every seed they derive from one (validate's seed * 1000 + case) stays
+# within torch.manual_seed's range.
+MAX_SEED = 2**32 - 1
+
+
+def int_at_least(minimum, maximum=None):
+    """An argparse `type=`: an integer >= minimum (and <= maximum if given); otherwise argparse
+    prints the usage and exits 2."""
     def parse(value):
         try:
             number = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {number}")
         return number
     parse.__name__ = f"int>={minimum}"
     return parse
+
+
+def make_out_dir(path, command):
+    """Creates the output folder `path` (before a run, so that a bad path costs no run); returns an
+    error message naming `--out`, or None."""
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        return f"fastelbo {command}: error: --out {path}: {error.strerror or error}"
+    if not os.access(path, os.W_OK):
+        return f"fastelbo {command}: error: --out {path}: not writable"
+    return None
+
+
+def cuda_kernels_available():
+    """Whether fastelbo can run on CUDA here: a GPU is visible and the extension was built with its
+    CUDA kernels (setup.py builds without them when nvcc is missing). The commands' default devices
+    follow it, so that a GPU machine with a CPU-only build runs on the CPU instead of failing."""
+    import torch
+
+    from ._extension import BUILT_WITH_CUDA
+
+    return BUILT_WITH_CUDA and torch.cuda.is_available()
+
+
+def cpu_only_build_note(command):
+    """A note for a command that leaves CUDA out of its default devices on a GPU machine, or None."""
+    import torch
+
+    if torch.cuda.is_available() and not cuda_kernels_available():
+        return (f"fastelbo {command}: note: a GPU is visible, but fastelbo was built without its CUDA "
+                "kernels (no nvcc at build time): running on the CPU only")
+    return None
 
 
 def build_parser():
@@ -42,5 +84,16 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of the console script; argparse exits with code 2 on bad arguments."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = ["fastelbo", *argv]  # as typed, for the records a command writes
     return int(args.run(args) or 0)
+
+
+def subcommand_main(name, argv=None):
+    """`python -m fastelbo.<name> ...`: the same as `fastelbo <name> ...`."""
+    import sys
+
+    return main([name, *(sys.argv[1:] if argv is None else argv)])

@@ -18,12 +18,13 @@ import copy
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
-from .cli import int_at_least
+from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, make_out_dir, subcommand_main
 from .modules import VAE
 
 IMAGE_SIDE = 8
@@ -207,7 +208,17 @@ def _device(value):
             raise argparse.ArgumentTypeError(f"{value!r} was asked for but torch.cuda.is_available() is False")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{value!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        if not cuda_kernels_available():
+            raise argparse.ArgumentTypeError(f"{value!r}: fastelbo was built without its CUDA kernels "
+                                             "(rebuild with nvcc present, or use --device cpu)")
     return value
+
+
+def resolve_device(value):
+    """--device's value as a device: "auto" is cuda where fastelbo's CUDA kernels can run, else cpu."""
+    if value != "auto":
+        return value
+    return "cuda" if cuda_kernels_available() else "cpu"
 
 
 def add_arguments(parser):
@@ -220,10 +231,10 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size (default 64)")
     parser.add_argument("--hidden", type=int_at_least(1), default=256, help="width of the MLP layers (default 256)")
     parser.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0,
+    parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0,
                         help="seed of the weights, the data split, the batch order and eps (default 0)")
     parser.add_argument("--device", type=_device, default="auto",
-                        help="auto (cuda when available, else cpu), cpu or cuda[:N]")
+                        help="auto (cuda where fastelbo's CUDA kernels can run, else cpu), cpu or cuda[:N]")
     parser.add_argument("--threads", type=int_at_least(1), default=1,
                         help="CPU threads for torch (default 1: the model is too small to gain from more, "
                              "and extra threads only contend on a busy machine)")
@@ -241,12 +252,13 @@ def run(args):
 
 def _run(args):
     start_all = time.perf_counter()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if torch.device(device).type == "cuda":
-        from ._extension import BUILT_WITH_CUDA
-        if not BUILT_WITH_CUDA:
-            print("fastelbo demo: fastelbo was built without CUDA kernels; rebuild with nvcc present or use --device cpu")
-            return 1
+    out_error = make_out_dir(args.out, "demo")
+    if out_error:
+        print(out_error, file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    if args.device == "auto" and cpu_only_build_note("demo"):
+        print(cpu_only_build_note("demo"))
 
     train, test = load_digits_data(device, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -300,10 +312,18 @@ def _run(args):
     print(f"median time per epoch: fused {1000 * times['fused']:.1f} ms, reference {1000 * times['reference']:.1f} ms "
           f"(the MLP dominates at this size; `fastelbo bench` times the loss alone)")
 
-    os.makedirs(args.out, exist_ok=True)
     pictures = os.path.join(args.out, "reconstructions.png")
     curves = os.path.join(args.out, "loss_curves.png")
     save_reconstructions(pictures, fused, reference, test, latent_dim=args.latent_dim, seed=args.seed + 4)
     save_loss_curves(curves, history, beta=args.beta)
     print(f"wrote {pictures} and {curves} ({time.perf_counter() - start_all:.1f} s in all)")
     return 0
+
+
+def main(argv=None):
+    """`python -m fastelbo.demo ...`: the same as `fastelbo demo ...`."""
+    return subcommand_main("demo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

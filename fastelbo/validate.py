@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import functional, reference
-from .cli import int_at_least
+from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, subcommand_main
 
 FUSED = functional        # the implementation under test
 REFERENCE = reference     # the oracle (run in float64, and in each dtype for the error budget)
@@ -335,10 +335,8 @@ def _shape_str(shape):
 
 
 def available_devices():
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
+    """cpu, and cuda where fastelbo's CUDA kernels can run (a GPU and a build with them)."""
+    return ["cpu", "cuda"] if cuda_kernels_available() else ["cpu"]
 
 
 def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, cases=None, shapes=None, seed=0,
@@ -428,20 +426,33 @@ def _device_choice(value):
         raise argparse.ArgumentTypeError(f"must be all, cpu or cuda, got {value!r}")
     if value == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda was asked for but torch.cuda.is_available() is False")
+    if value == "cuda" and not cuda_kernels_available():
+        raise argparse.ArgumentTypeError("cuda was asked for but fastelbo was built without its CUDA kernels "
+                                         "(rebuild with nvcc present)")
     return value
+
+
+def _dtype_choice(value):
+    """A dtype name: float32, float64, float16, bfloat16, or fastelbo bench's fp32, fp64, fp16, bf16."""
+    name = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}.get(value, value)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)} (or fp32, fp64, fp16, bf16), got {value!r}")
+    return name
 
 
 def add_arguments(parser):
     parser.add_argument("--device", type=_device_choice, default="all", metavar="{all,cpu,cuda}",
                         help="devices to check (default: all present: cpu, and cuda when available)")
-    parser.add_argument("--dtype", action="append", choices=list(DTYPES), default=None,
+    parser.add_argument("--dtype", action="append", type=_dtype_choice, default=None, metavar="{" + ",".join(DTYPES) + "}",
                         help="dtype to check; repeat for several (default: all four)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--failures-only", action="store_true", help="print only the rows that fail")
 
 
 def run(args):
     devices = available_devices() if args.device == "all" else [args.device]
+    if args.device == "all" and cpu_only_build_note("validate"):
+        print(cpu_only_build_note("validate"))
     dtypes = [DTYPES[name] for name in args.dtype] if args.dtype else None
     print(f"fastelbo validate: fused ops vs fastelbo.reference on {', '.join(devices)}; "
           "values and gradients with a shared eps, against the float64 reference;")
@@ -459,3 +470,14 @@ def run(args):
     print(f"{len(rows)} checks, {len(failures)} failed ({time.perf_counter() - start:.1f} s): "
           + ("FAIL" if failures else "all passed"))
     return 1 if failures else 0
+
+
+def main(argv=None):
+    """`python -m fastelbo.validate ...`: the same as `fastelbo validate ...`."""
+    return subcommand_main("validate", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -91,6 +91,7 @@ def test_cli_writes_every_field(tmp_path, capsys):
 
     meta = data["meta"]
     assert MACHINE_FIELDS <= set(meta["machine"])
+    assert meta["command"].startswith(f"fastelbo bench --sizes {TINY} --reps 5")  # the argv given, not sys.argv
     assert meta["machine"]["torch"] == torch.__version__
     assert meta["machine"]["cpu_count"] == os.cpu_count()
     assert meta["machine"]["fastelbo_source_digest"] == bench.source_digest(str(Path(bench.__file__).resolve().parents[1]))
@@ -123,6 +124,14 @@ def test_cli_writes_every_field(tmp_path, capsys):
         if r["mode"] == "fwd+bwd" and r["peak_mem_bytes"] is not None:
             assert r["peak_mem_bytes"] >= (2 * 32 + 256) * r["element_bytes"]
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_no_plot_without_the_eager_baseline(tmp_path, capsys):
+    """bench.png plots speedups over eager: a run without eager writes none, and says why."""
+    rc, result, out = run_bench(tmp_path, "--providers", "fastelbo", "--modes", "fwd")
+    assert rc == 0 and result["results"]
+    assert "no bench.png" in capsys.readouterr().out
+    assert not (out / "bench.png").exists()
 
 
 def test_cli_bad_arguments_exit_2(tmp_path):
