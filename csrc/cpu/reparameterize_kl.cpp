@@ -113,7 +113,8 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   }
 
   // Free bits: the floor applies to each position's batch-mean KL, so reduce over the batch per
-  // position (column sums, samples added in batch order) instead of over positions per sample.
+  // position (column sums, samples added in batch order, cascaded) instead of over positions per
+  // sample.
   const int64_t B = layout.batch, D = layout.per_sample;
   acc_t* position_mean = kl_position_mean.data_ptr<acc_t>();
   const int64_t num_column_chunks = (D + kChunk - 1) / kChunk;
@@ -121,16 +122,17 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   at::parallel_for(0, num_column_chunks, grain, [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
       const int64_t j0 = chunk * kChunk, j1 = std::min(D, j0 + kChunk);
-      std::vector<acc_t> column_sum(j1 - j0, acc_t(0));
+      ColumnCascadeSum<acc_t> column_sum(j1 - j0);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t row_start = b * D;
         sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1, D,
                                       [&](int64_t first, const acc_t* kl, int64_t n) {
-                                        acc_t* column = column_sum.data() + (first - row_start - j0);
+                                        acc_t* column = column_sum.row() + (first - row_start - j0);
                                         for (int64_t j = 0; j < n; ++j) column[j] += kl[j];
                                       });
+        column_sum.end_row();
       }
-      for (int64_t j = j0; j < j1; ++j) position_mean[j] = column_sum[j - j0] / static_cast<acc_t>(B);
+      for (int64_t j = j0; j < j1; ++j) position_mean[j] = column_sum.sum(j - j0) / static_cast<acc_t>(B);
     }
   });
   // batchmean value: sum_j max(kbar_j, free_bits); other reductions scale it like the plain sum
