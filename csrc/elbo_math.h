@@ -184,18 +184,32 @@ FASTELBO_HD acc_t kl_element(acc_t mu, acc_t logvar, acc_t std) {
 // (the backward regenerates eps from the saved RNG state instead of using (z - mu) / std, which
 // cancels catastrophically in half precision when |mu| >> std); grad_kl is the per-element KL
 // gradient (incoming gradient times the reduction's scale and the free-bits mask).
+// Terms: the z term and the KL term; `terms` says which ones received an incoming gradient. A term
+// without one (z or the KL unused) is left out, as autograd leaves out an unused branch, instead of
+// being multiplied by a zero gradient: 0 * mu for an infinite mu, or 0 * std for an exp(logvar / 2)
+// that overflowed, is a NaN where the term is simply absent. With both terms the expressions are
+// the plain formulas (the same bits as ever); the choice is a select the CPU loops vectorize.
+struct GradTerms {
+  bool z;
+  bool kl;
+};
+
 template <typename acc_t>
-FASTELBO_HD acc_t grad_mu_element(acc_t mu, acc_t grad_z_sum, acc_t grad_kl) {
-  return grad_z_sum + grad_kl * mu;
+FASTELBO_HD acc_t grad_mu_element(acc_t mu, acc_t grad_z_sum, acc_t grad_kl, GradTerms terms) {
+  if (terms.z && terms.kl) return grad_z_sum + grad_kl * mu;
+  return terms.z ? grad_z_sum : terms.kl ? grad_kl * mu : acc_t(0);
 }
 
 template <typename acc_t>
-FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t std, acc_t grad_z_eps_sum, acc_t grad_kl) {
-  return static_cast<acc_t>(0.5) * (std * grad_z_eps_sum + grad_kl * expm1_logvar(logvar, std));
+FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t std, acc_t grad_z_eps_sum, acc_t grad_kl,
+                                      GradTerms terms) {
+  constexpr acc_t kHalf = static_cast<acc_t>(0.5);
+  if (terms.z && terms.kl) return kHalf * (std * grad_z_eps_sum + grad_kl * expm1_logvar(logvar, std));
+  return terms.z ? kHalf * (std * grad_z_eps_sum) : terms.kl ? kHalf * (grad_kl * expm1_logvar(logvar, std)) : acc_t(0);
 }
 template <typename acc_t>
-FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t grad_z_eps_sum, acc_t grad_kl) {
-  return grad_logvar_element(logvar, posterior_std(logvar), grad_z_eps_sum, grad_kl);
+FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t grad_z_eps_sum, acc_t grad_kl, GradTerms terms) {
+  return grad_logvar_element(logvar, posterior_std(logvar), grad_z_eps_sum, grad_kl, terms);
 }
 
 // Free bits: position j's batch-mean KL kbar_j enters the loss as max(kbar_j, free_bits), so its

@@ -273,6 +273,46 @@ def test_nan_under_free_bits_matches_the_reference(device, reduction, where):
         assert torch.isfinite(got[outside]).all(), f"{name}: the NaN reached other elements"
 
 
+# (logvar where exp(logvar) overflows, logvar where exp(logvar / 2) does too) per dtype
+OVERFLOWING_LOGVAR = {torch.float32: (100.0, 200.0), torch.float64: (750.0, 1500.0)}
+
+
+@pytest.mark.parametrize("dtype", list(OVERFLOWING_LOGVAR), ids=dtype_id)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_an_unused_output_adds_no_term_to_the_gradients(device, dtype, used):
+    """With only z used, the gradients have no KL term, rather than 0 times it, which is NaN where
+    mu is infinite or exp(logvar) overflows; with only the KL used, no z term (0 times an
+    overflowed exp(logvar / 2) is NaN too). As in the reference: autograd skips an unused branch."""
+    big, huge = OVERFLOWING_LOGVAR[dtype]
+    mu = torch.tensor([[0.5, float("inf"), 1.0, -2.0]], dtype=dtype, device=device)
+    logvar = torch.tensor([[big, 0.0, huge, 0.3]], dtype=dtype, device=device)
+    eps = torch.tensor([[0.7, -1.1, 0.4, 1.5]], dtype=dtype, device=device)
+    grads = {}
+    for name, fn in (("fused", fastelbo.reparameterize_kl), ("reference", reference.reparameterize_kl)):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = fn(m, lv, eps=eps, reduction="sum")
+        grads[name] = torch.autograd.grad(z.sum() if used == "z" else kl, (m, lv))
+    for got, want, which in zip(grads["fused"], grads["reference"], ("grad_mu", "grad_logvar")):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True, msg=lambda m: f"{which}: {m}")
+        assert not torch.isnan(got).any(), f"{which}: {got}"
+
+
+def test_backward_reads_a_strided_rng_state(device):
+    """The backward op gets the forward's (seed, offset) as a tensor; a strided view of the same two
+    values (as a traced graph may pass) regenerates the same eps."""
+    ops = torch.ops.fastelbo
+    mu, logvar = sample_inputs((4, 9), torch.float32, device, seed=stable_seed("strided-rng"), requires_grad=False,
+                               with_eps=False)
+    z, _, rng_state, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, 1, 0.0)
+    strided = torch.stack([rng_state, torch.zeros_like(rng_state)], dim=1)[:, 0]
+    assert not strided.is_contiguous() and torch.equal(strided, rng_state)
+    grad_z = torch.ones_like(z)
+    want = ops.reparameterize_kl_backward(grad_z, None, mu, logvar, None, rng_state, position_mean, 1, 1, 0.0)
+    got = ops.reparameterize_kl_backward(grad_z, None, mu, logvar, None, strided, position_mean, 1, 1, 0.0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_inf_propagates_reparameterize_kl(device, dtype):
     mu, logvar, eps = sample_inputs((3, 5), dtype, device, seed=stable_seed("inf", dtype), requires_grad=False)

@@ -200,6 +200,7 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
   // sub-blocks are cut at sample boundaries, so each lies in one sample b.
   const RowChunking chunking(task_layout(layout, grad_kl_per_sample || position_mean != nullptr));
   const int64_t N = layout.numel, D = layout.per_sample;
+  const math::GradTerms terms{grad_z != nullptr, grad_kl != nullptr};
   chunking.for_each_task([&](int64_t task) {
     c10::SmallVector<NormalBlock<acc_t>, 2> normals;
     if (grad_z) {  // (nothing is drawn until a normal is taken: free when eps is given)
@@ -242,8 +243,8 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
       acc_t* g_mu = acc_out(grad_mu + first, grad_mu_block);
       acc_t* g_logvar = acc_out(grad_logvar + first, grad_logvar_block);
       for (int64_t j = 0; j < n; ++j) {
-        g_mu[j] = math::grad_mu_element(m[j], grad_z_sum[j], grad_kl_j[j]);
-        g_logvar[j] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j]);
+        g_mu[j] = math::grad_mu_element(m[j], grad_z_sum[j], grad_kl_j[j], terms);
+        g_logvar[j] = math::grad_logvar_element(lv[j], std[j], grad_z_eps_sum[j], grad_kl_j[j], terms);
       }
       store_acc(g_mu, n, grad_mu + first);
       store_acc(g_logvar, n, grad_logvar + first);
@@ -271,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(
       grad_kl.has_value() ? grad_kl->to(acc_dtype).contiguous() : at::Tensor();
   const at::Tensor position_mean_c =
       free_bits > 0.0 ? kl_position_mean.to(acc_dtype).contiguous() : at::Tensor();
-  const at::Tensor rng_c = rng_state.to(at::kCPU);
+  const at::Tensor rng_c = rng_state.to(at::kCPU).contiguous();  // (read as two adjacent int64)
   const uint64_t seed = static_cast<uint64_t>(rng_c.const_data_ptr<int64_t>()[0]);
   const uint64_t offset = static_cast<uint64_t>(rng_c.const_data_ptr<int64_t>()[1]);
 

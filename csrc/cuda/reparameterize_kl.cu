@@ -394,11 +394,12 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
       pos.next(p.per_sample);
     }
   }
+  const math::GradTerms terms{p.grad_z != nullptr, p.grad_kl != nullptr};
   acc_t grad_mu[E], grad_logvar[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    grad_mu[e] = math::grad_mu_element(to_acc<acc_t>(mu.v[e]), grad_z_sum[e], grad_kl[e]);
-    grad_logvar[e] = math::grad_logvar_element(to_acc<acc_t>(logvar.v[e]), grad_z_eps_sum[e], grad_kl[e]);
+    grad_mu[e] = math::grad_mu_element(to_acc<acc_t>(mu.v[e]), grad_z_sum[e], grad_kl[e], terms);
+    grad_logvar[e] = math::grad_logvar_element(to_acc<acc_t>(logvar.v[e]), grad_z_eps_sum[e], grad_kl[e], terms);
   }
   store_pack<kFull, E>(p.grad_mu + i0, grad_mu, count);
   store_pack<kFull, E>(p.grad_logvar + i0, grad_logvar, count);
