@@ -350,6 +350,46 @@ def test_short_samples_over_several_tasks(device, restore_num_threads, reduction
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
 
 
+def test_free_bits_over_several_row_blocks(device, restore_num_threads, cpu_code_path):
+    """(5000, 7), free bits, two draws: on the CPU the per-position batch sums run in 3 blocks of
+    1667 samples, each block's short rows sampled as one run, on several threads. kl, z and the
+    gradients are bit-identical under 1, 2 and 3 threads, and agree with float64 math on the same
+    eps; the floor floors some positions and not others."""
+    shape, free_bits = (5000, 7), 0.8
+    mu, logvar = sample_inputs(shape, torch.float32, device, seed=19, with_eps=False, requires_grad=False)
+    # position j's mean KL is about (s_j^2 + 0.65) / 2 with mu's scale s_j = j / 3: the first
+    # three positions fall below the floor
+    mu = (mu * torch.arange(shape[1], device=device) / 3).requires_grad_()
+    logvar.requires_grad_()
+
+    def run():
+        torch.manual_seed(20)
+        z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction="batchmean", num_samples=2, free_bits=free_bits)
+        g_z = random_grad_outputs((z,), "none", seed=21)[0]
+        return [z, kl, *torch.autograd.grad((z, kl), (mu, logvar), (g_z, torch.tensor(1.3, device=device)))], g_z
+
+    results = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results[threads] = run()[0]
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[threads])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+
+    (z, kl, g_mu, g_logvar), g_z = run()
+    m, lv = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    eps = (z.detach().double() - m.detach()) / torch.exp(0.5 * lv.detach())
+    kl_element = 0.5 * (m * m + torch.expm1(lv) - lv)
+    floored = (kl_element.detach().mean(dim=0) < free_bits)
+    assert 0 < floored.sum() < shape[1], "the floor should floor some positions and not others"
+    f = lambda m_, lv_: reference.reparameterize_kl(m_, lv_, reduction="batchmean", num_samples=2, eps=eps,
+                                                    free_bits=free_bits)
+    (z64, kl64), (g_mu64, g_logvar64) = run_with_grads(
+        f, (m, lv), (g_z.double(), torch.tensor(1.3, dtype=torch.float64, device=device)))
+    for name, got, want in (("z", z, z64), ("kl", kl, kl64), ("grad_mu", g_mu, g_mu64), ("grad_logvar", g_logvar, g_logvar64)):
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5, msg=lambda msg: f"{name}: {msg}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
 def test_elements_do_not_depend_on_reduction_or_batch_cut(device, dtype, cpu_code_path):

@@ -226,7 +226,7 @@ class ColumnCascadeSum {
 };
 
 // The layout a kernel cuts its work by. Per sample when the kernel needs per-sample results or
-// positions (reduction "none", free bits); otherwise the tensor is one run of numel elements, so
+// positions (reduction "none"); otherwise the tensor is one run of numel elements, so
 // that a small sample (a 20-wide latent) is not a task of its own: a task's set-up (its block of
 // Philox normals, its partial sums) costs more than 20 elements do. Depends on the shape and
 // reduction only: the summation order stays fixed.

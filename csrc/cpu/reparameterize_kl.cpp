@@ -83,6 +83,31 @@ void sample_range(const SampleArgs<scalar_t>& a, int64_t begin, int64_t end, int
   }
 }
 
+// The task grid of the free-bits forward (see reparameterize_kl_kernel): blocks of rows_per_block
+// rows times chunks of kChunk columns. A block holds at least kChunk elements where the batch
+// allows, and there are at most kMaxRowBlocks blocks, and at most kMaxPartials partial sums
+// (row_blocks * D) in all. A function of (B, D) only.
+struct FreeBitsGrid {
+  static constexpr int64_t kMaxRowBlocks = 64;
+  static constexpr int64_t kMaxPartials = int64_t(1) << 20;
+  int64_t column_chunks, row_blocks, rows_per_block;
+
+  FreeBitsGrid(int64_t B, int64_t D) {
+    column_chunks = (D + kChunk - 1) / kChunk;
+    const int64_t min_rows = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, D));  // kChunk elements per block
+    row_blocks = std::max<int64_t>(1, std::min({(B + min_rows - 1) / min_rows, kMaxRowBlocks,
+                                                kMaxPartials / std::max<int64_t>(1, D)}));
+    rows_per_block = (B + row_blocks - 1) / row_blocks;
+    row_blocks = (B + rows_per_block - 1) / rows_per_block;  // no empty block at the end
+  }
+  int64_t num_tasks() const { return row_blocks * column_chunks; }
+  // Tasks per thread at the least (elements per task: rows_per_block * min(D, kChunk)), so that a
+  // small problem runs on the calling thread.
+  int64_t grain(int64_t D) const {
+    return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, rows_per_block * std::min(D, kChunk)));
+  }
+};
+
 template <typename scalar_t>
 void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayout& layout,
                               int64_t reduction, double free_bits, at::Tensor& kl,
@@ -113,28 +138,49 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   }
 
   // Free bits: the floor applies to each position's batch-mean KL, so reduce over the batch per
-  // position (column sums, samples added in batch order, cascaded) instead of over positions per
-  // sample.
+  // position (column sums) instead of over positions per sample. The work is a grid of tasks:
+  // blocks of consecutive rows (samples) times chunks of at most kChunk columns. A task adds its
+  // rows in batch order, cascaded per column (ColumnCascadeSum), into its row block's partial
+  // sums; the partials of each column are then added in row-block order (CascadeSum). The grid
+  // depends on the shape only, so the sums do not depend on the thread count. Rows of a task that
+  // spans whole rows are sampled as one run, so short rows (a few latent positions) do not each
+  // pay for a run's set-up (its block of normals).
   const int64_t B = layout.batch, D = layout.per_sample;
   acc_t* position_mean = kl_position_mean.data_ptr<acc_t>();
-  const int64_t num_column_chunks = (D + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, B * std::min(D, kChunk)));
-  at::parallel_for(0, num_column_chunks, grain, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
+  const FreeBitsGrid grid(B, D);
+  std::vector<acc_t> partials(static_cast<size_t>(grid.row_blocks * D));
+  at::parallel_for(0, grid.num_tasks(), grid.grain(D), [&](int64_t first_task, int64_t last_task) {
+    for (int64_t task = first_task; task < last_task; ++task) {
+      const int64_t block = task / grid.column_chunks, chunk = task - block * grid.column_chunks;
+      const int64_t r0 = block * grid.rows_per_block, r1 = std::min(B, r0 + grid.rows_per_block);
       const int64_t j0 = chunk * kChunk, j1 = std::min(D, j0 + kChunk);
       ColumnCascadeSum<acc_t> column_sum(j1 - j0);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row_start = b * D;
-        sample_range<scalar_t, acc_t>(args, row_start + j0, row_start + j1, D,
-                                      [&](int64_t first, const acc_t* kl, int64_t n) {
-                                        acc_t* column = column_sum.row() + (first - row_start - j0);
-                                        for (int64_t j = 0; j < n; ++j) column[j] += kl[j];
-                                      });
-        column_sum.end_row();
+      // kl of elements [first, first + n) of rows r0.. (row-major, columns j0..j1 of each row)
+      int64_t column = 0;  // of the next element handed to the sink, relative to j0
+      const auto add = [&](int64_t /*first*/, const acc_t* kl, int64_t n) {
+        acc_t* row = column_sum.row();
+        for (int64_t j = 0; j < n; ++j) {
+          row[column] += kl[j];
+          if (++column == j1 - j0) {
+            column = 0;
+            column_sum.end_row();
+          }
+        }
+      };
+      if (j0 == 0 && j1 == D) {  // whole rows: one run over the block
+        sample_range<scalar_t, acc_t>(args, r0 * D, r1 * D, r1 * D, add);
+      } else {
+        for (int64_t b = r0; b < r1; ++b) sample_range<scalar_t, acc_t>(args, b * D + j0, b * D + j1, b * D + j1, add);
       }
-      for (int64_t j = j0; j < j1; ++j) position_mean[j] = column_sum.sum(j - j0) / static_cast<acc_t>(B);
+      acc_t* block_sums = partials.data() + block * D;
+      for (int64_t j = j0; j < j1; ++j) block_sums[j] = column_sum.sum(j - j0);
     }
   });
+  for (int64_t j = 0; j < D; ++j) {
+    CascadeSum<acc_t> column_total;
+    for (int64_t block = 0; block < grid.row_blocks; ++block) column_total.add(partials[block * D + j]);
+    position_mean[j] = column_total.sum() / static_cast<acc_t>(B);
+  }
   // batchmean value: sum_j max(kbar_j, free_bits); other reductions scale it like the plain sum
   // (sum = B * that, mean = B / numel * that).
   CascadeSum<acc_t> floored;
@@ -196,10 +242,12 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
                                        const acc_t* position_mean, acc_t free_bits,
                                        const BatchLayout& layout, int64_t num_samples,
                                        double scale, scalar_t* grad_mu, scalar_t* grad_logvar) {
-  // Per sample when the KL gradient differs by sample ("none") or by position (free bits); then
-  // sub-blocks are cut at sample boundaries, so each lies in one sample b.
-  const RowChunking chunking(task_layout(layout, grad_kl_per_sample || position_mean != nullptr));
+  // The gradients are elementwise, so the tensor is cut as one flat run whatever the reduction:
+  // where the KL gradient differs by sample ("none") or by position (free bits), each element's
+  // (sample, position) is tracked through the sub-block, which may span several short samples.
+  const RowChunking chunking(task_layout(layout, false));
   const int64_t N = layout.numel, D = layout.per_sample;
+  const bool kl_grad_varies = grad_kl && (grad_kl_per_sample || position_mean);
   const math::GradTerms terms{grad_z != nullptr, grad_kl != nullptr};
   chunking.for_each_task([&](int64_t task) {
     c10::SmallVector<NormalBlock<acc_t>, 2> normals;
@@ -210,9 +258,6 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
     }
     for (int64_t first = chunking.begin(task), end = chunking.end(task), n = 0; first < end; first += n) {
       n = sub_block_length(first, end, chunking.per_sample());
-      const int64_t b = first / D;
-      const acc_t grad_kl_row =
-          grad_kl ? grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale) : acc_t(0);
       acc_t lv_block[kSubBlock], std[kSubBlock];
       const acc_t* lv = as_acc(logvar + first, n, lv_block);
       posterior_std_block(lv, n, std);
@@ -232,10 +277,18 @@ void reparameterize_kl_backward_kernel(const scalar_t* grad_z, const acc_t* grad
         }
       }
       acc_t grad_kl_j[kSubBlock];
-      for (int64_t j = 0; j < n; ++j) grad_kl_j[j] = grad_kl_row;
-      if (position_mean) {  // free bits: positions below the floor get no KL gradient
-        for (int64_t j = 0; j < n; ++j) {
-          if (!math::free_bits_pass_gradient(position_mean[first + j - b * D], free_bits)) grad_kl_j[j] = 0;
+      if (!kl_grad_varies) {
+        const acc_t grad_kl_all = grad_kl ? grad_kl[0] * static_cast<acc_t>(scale) : acc_t(0);
+        for (int64_t j = 0; j < n; ++j) grad_kl_j[j] = grad_kl_all;
+      } else {
+        for (int64_t j = 0, b = first / D, column = first - b * D; j < n; ++j) {
+          grad_kl_j[j] = grad_kl[grad_kl_per_sample ? b : 0] * static_cast<acc_t>(scale);
+          // free bits: positions below the floor get no KL gradient
+          if (position_mean && !math::free_bits_pass_gradient(position_mean[column], free_bits)) grad_kl_j[j] = 0;
+          if (++column == D) {
+            column = 0;
+            ++b;
+          }
         }
       }
       acc_t mu_block[kSubBlock], grad_mu_block[kSubBlock], grad_logvar_block[kSubBlock];
