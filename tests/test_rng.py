@@ -278,6 +278,18 @@ def test_generator_argument_is_used(device):
     assert (z_default != z_a).float().mean() > 0.9
 
 
+def assert_same_bits_under_threads(run):
+    """run() -> a list of tensors, the same bits under 1, 2 and 3 threads (the caller's
+    restore_num_threads fixture puts the thread count back)."""
+    results = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results[threads] = run()
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[threads])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+
+
 def test_thread_count_independence(device, restore_num_threads, cpu_code_path):
     """Bit-identical z, kl, gradients and recon loss under 1, 2 and 3 threads, at a size with
     several 16384-element tasks per row (the CPU kernels' chunks) and above the 32768-element
@@ -303,13 +315,7 @@ def test_thread_count_independence(device, restore_num_threads, cpu_code_path):
                 out += [z, kl, *torch.autograd.grad((z.sum() + kl), (mu, logvar))]
         return out
 
-    results = {}
-    for threads in (1, 2, 3):
-        torch.set_num_threads(threads)
-        results[threads] = run()
-    for threads in (2, 3):
-        for i, (a, b) in enumerate(zip(results[1], results[threads])):
-            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+    assert_same_bits_under_threads(run)
 
 
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
@@ -330,13 +336,7 @@ def test_short_samples_over_several_tasks(device, restore_num_threads, reduction
         grads = torch.autograd.grad((z, kl, rec), (mu, logvar, x_hat), (*g_out, g_rec))
         return [z, kl, rec, *grads], g_out, g_rec
 
-    results = {}
-    for threads in (1, 2, 3):
-        torch.set_num_threads(threads)
-        results[threads] = run()[0]
-    for threads in (2, 3):
-        for i, (a, b) in enumerate(zip(results[1], results[threads])):
-            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+    assert_same_bits_under_threads(lambda: run()[0])
 
     (z, kl, rec, g_mu, g_logvar, g_x_hat), g_out, g_rec = run()
     m, lv, xh = (t.detach().double().requires_grad_() for t in (mu, logvar, x_hat))
@@ -368,13 +368,7 @@ def test_free_bits_over_several_row_blocks(device, restore_num_threads, cpu_code
         g_z = random_grad_outputs((z,), "none", seed=21)[0]
         return [z, kl, *torch.autograd.grad((z, kl), (mu, logvar), (g_z, torch.tensor(1.3, device=device)))], g_z
 
-    results = {}
-    for threads in (1, 2, 3):
-        torch.set_num_threads(threads)
-        results[threads] = run()[0]
-    for threads in (2, 3):
-        for i, (a, b) in enumerate(zip(results[1], results[threads])):
-            assert torch.equal(a, b), f"result {i} differs between 1 and {threads} threads"
+    assert_same_bits_under_threads(lambda: run()[0])
 
     (z, kl, g_mu, g_logvar), g_z = run()
     m, lv = (t.detach().double().requires_grad_() for t in (mu, logvar))
