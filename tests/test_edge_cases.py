@@ -11,6 +11,7 @@ from conftest import (
     DTYPES,
     REDUCTIONS,
     assert_close_fp64,
+    compare_three_ways,
     dtype_id,
     loss_dtype,
     random_grad_outputs,
@@ -174,6 +175,27 @@ def test_inputs_not_modified(device, reduction, dtype):
         torch.autograd.grad(loss, (x_hat, x), g_out)
         assert_all_equal(g_out, g_saved, "grad_output")
         assert_all_equal([t.detach() for t in tensors], saved, "input")
+
+
+# ---- many short samples, reduction "none" ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(40000, 1), (12000, 3), (5000, 7)], ids=["40000x1", "12000x3", "5000x7"])
+def test_many_short_samples_reduction_none(device, shape, dtype):
+    """Samples of 1, 3 and 7 elements, enough of them for several CPU tasks, reduction "none": the
+    CPU samples a task's samples as one run and splits the sums per sample (SampleSums), and the
+    recon backward looks each element's incoming gradient up by its sample. Per-sample losses and
+    the gradients for random weights (two draws of z), both ops, against float64 math."""
+    seed = stable_seed("short-none", shape, dtype)
+    mu, logvar, eps = sample_inputs(shape, dtype, device, seed=seed, num_samples=2)
+    fused_kl = reparam("none", num_samples=2)
+    reference_kl = lambda m, lv, e: reference.reparameterize_kl(m, lv, reduction="none", eps=e, num_samples=2)
+    weights = random_grad_outputs(fused_kl(mu.detach(), logvar.detach(), eps), "none", seed=seed + 1)
+    compare_three_ways(fused_kl, reference_kl, (mu, logvar, eps), weights, ("mu", "logvar", "eps"))
+    x_hat, x = recon_inputs(shape, dtype, device, seed=seed + 2, x_grad=True)
+    reference_rec = lambda xh, xv: reference.gaussian_recon_loss(xh, xv, reduction="none")
+    weights = random_grad_outputs((recon("none")(x_hat.detach(), x),), "none", seed=seed + 3)
+    compare_three_ways(recon("none"), reference_rec, (x_hat, x), weights, ("x_hat", "x"))
 
 
 # ---- empty batches --------------------------------------------------------------------------------

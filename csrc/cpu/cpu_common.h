@@ -194,6 +194,40 @@ class CascadeSum {
   int count_[kCascadeLevels] = {};
 };
 
+// Per-sample sums of a run of values that holds whole samples of D values each, handed over in
+// pieces of any length (a sample may straddle two): each sample's values are added in order,
+// starting from 0, and the sums written to out[0], out[1], ... For short samples (reduction "none"
+// with a few elements per sample), where cutting the work at every sample cost more than the
+// sample itself.
+template <typename acc_t>
+class SampleSums {
+ public:
+  SampleSums(int64_t D, acc_t* out) : D_(D), out_(out) {}
+  void add(const acc_t* values, int64_t n) {
+    int64_t j = 0;
+    for (; filled_ != 0 && j < n; ++j) {  // the sample begun in an earlier piece
+      sum_ += values[j];
+      if (++filled_ == D_) {
+        *out_++ = sum_;
+        sum_ = 0;
+        filled_ = 0;
+      }
+    }
+    for (; j + D_ <= n; j += D_) {  // whole samples
+      acc_t sum = 0;
+      for (int64_t k = 0; k < D_; ++k) sum += values[j + k];
+      *out_++ = sum;
+    }
+    for (; j < n; ++j, ++filled_) sum_ += values[j];  // a sample that goes on in the next piece
+  }
+
+ private:
+  int64_t D_;
+  acc_t* out_;
+  acc_t sum_ = 0;
+  int64_t filled_ = 0;
+};
+
 // CascadeSum of n columns at once, over rows added one after another: the per-position batch
 // sums of free bits, where a plain running sum over a large batch lost digits (B = 2^24 rows of
 // 0.1: 15% off in float32). Each row's values go into row() (row()[j] += value for column j; any
@@ -306,17 +340,24 @@ void reduce_rows_into(const RowChunking& chunking, const BatchLayout& layout, in
   // Cascaded over the pieces of a row and over the rows: a whole-tensor reduction is one row of
   // numel / kChunk pieces (4096 at 2^26 elements), which a running sum added with an error 36
   // times torch.sum's.
+  // A row of one piece (reduction "none" over short samples: millions of rows) skips the
+  // CascadeSum's set-up: 0 + value is what a CascadeSum of one value gives.
   acc_t* out_data = out.data_ptr<acc_t>();
   CascadeSum<acc_t> total;
   for (int64_t b = 0; b < layout.batch; ++b) {
-    CascadeSum<acc_t> row_sum;
-    if (chunking.num_pieces() > 0) {
-      for (int64_t c = 0; c < chunking.chunks_per_row(); ++c) {
-        row_sum.add(partials[b * chunking.chunks_per_row() + c]);
-      }
+    acc_t row_sum = 0;
+    if (chunking.num_pieces() > 0 && chunking.chunks_per_row() == 1) {
+      row_sum += partials[b];
+    } else if (chunking.num_pieces() > 0) {
+      CascadeSum<acc_t> pieces;
+      for (int64_t c = 0; c < chunking.chunks_per_row(); ++c) pieces.add(partials[b * chunking.chunks_per_row() + c]);
+      row_sum = pieces.sum();
     }
-    if (reduction == kNone) out_data[b] = row_sum.sum();
-    total.add(row_sum.sum());
+    if (reduction == kNone) {
+      out_data[b] = row_sum;
+    } else {
+      total.add(row_sum);
+    }
   }
   // Scale in double: total / B rounded once, not total * round(1 / B).
   if (reduction != kNone) out_data[0] = static_cast<acc_t>(static_cast<double>(total.sum()) * scale);

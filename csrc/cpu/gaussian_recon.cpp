@@ -102,6 +102,31 @@ acc_t recon_range_sum(const scalar_t* x_hat, const scalar_t* x, int64_t begin, i
   return total.sum();
 }
 
+// Per-sample losses (reduction "none") of samples shorter than kLanes elements, elements
+// [begin, end) holding whole samples of D elements, into sums[0], sums[1], ...: a block at a time,
+// each sample's elements added in order (recon_block_sum would pad every sample to a lane group
+// and pay a block's set-up for a few elements). Writes grad_scale * (x_hat - x) to grad_unit when
+// it is not null.
+template <typename scalar_t, typename acc_t>
+void recon_short_samples(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, int64_t D,
+                         scalar_t* grad_unit, acc_t grad_scale, acc_t* sums) {
+  SampleSums<acc_t> sample_sums(D, sums);
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    acc_t xh_block[kBlock], xv_block[kBlock], loss[kBlock];
+    const acc_t* xh = as_acc(x_hat + i, n, xh_block);
+    const acc_t* xv = as_acc(x + i, n, xv_block);
+    for (int64_t j = 0; j < n; ++j) loss[j] = math::recon_element(xh[j], xv[j]);
+    if (grad_unit) {
+      acc_t grad_block[kBlock];
+      acc_t* grad = acc_out(grad_unit + i, grad_block);
+      for (int64_t j = 0; j < n; ++j) grad[j] = math::grad_x_hat_element(xh[j], xv[j], grad_scale);
+      store_acc(grad, n, grad_unit + i);
+    }
+    sample_sums.add(loss, n);
+  }
+}
+
 // grad_x_hat = grad_rec * (x_hat - x) and/or grad_x = -grad_x_hat for n elements in acc_t: one
 // loop per combination, over pointers that do not alias (outputs are fresh tensors), so that it
 // vectorizes plainly.
@@ -113,6 +138,36 @@ __attribute__((always_inline)) inline void recon_backward_loop(const acc_t* __re
     const acc_t grad = math::grad_x_hat_element(x_hat[i], x[i], grad_rec);
     if constexpr (kGradXHat) grad_x_hat[i] = grad;
     if constexpr (kGradX) grad_x[i] = -grad;
+  }
+}
+
+// The gradients for reduction "none" of elements [begin, end) holding whole samples of D < kLanes
+// elements: a block at a time, each element's incoming gradient looked up by its sample (a call
+// of recon_backward_range per sample cost more than the sample's few elements).
+template <typename scalar_t, typename acc_t>
+void recon_backward_short_samples(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, int64_t D,
+                                  const acc_t* grad_loss, acc_t scale, scalar_t* grad_x_hat, scalar_t* grad_x) {
+  for (int64_t i = begin, b = begin / D, filled = 0; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    acc_t xh_block[kBlock], xv_block[kBlock], gxh_block[kBlock], gx_block[kBlock], grad_rec[kBlock];
+    for (int64_t j = 0; j < n; ++j) {
+      grad_rec[j] = grad_loss[b] * scale;
+      if (++filled == D) {
+        filled = 0;
+        ++b;
+      }
+    }
+    const acc_t* xh = as_acc(x_hat + i, n, xh_block);
+    const acc_t* xv = as_acc(x + i, n, xv_block);
+    acc_t* gxh = grad_x_hat ? acc_out(grad_x_hat + i, gxh_block) : nullptr;
+    acc_t* gx = grad_x ? acc_out(grad_x + i, gx_block) : nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t grad = math::grad_x_hat_element(xh[j], xv[j], grad_rec[j]);
+      if (gxh) gxh[j] = grad;
+      if (gx) gx[j] = -grad;
+    }
+    if (gxh) store_acc(gxh, n, grad_x_hat + i);
+    if (gx) store_acc(gx, n, grad_x + i);
   }
 }
 
@@ -160,6 +215,10 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cpu(const at::Tensor& x_h
     // An empty batch has no tasks: the reduction writes its identity, 0.
     const acc_t grad_scale = static_cast<acc_t>(scale);
     reduce_rows_into<acc_t>(chunking, work, reduction, scale, loss, [&](int64_t task, acc_t* sums) {
+      if (reduction == kNone && layout.per_sample < kLanes) {  // a piece per sample of a few elements
+        recon_short_samples(xh, xv, chunking.begin(task), chunking.end(task), layout.per_sample, gu, grad_scale, sums);
+        return;
+      }
       for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
         const int64_t begin = chunking.piece_begin(p), end = chunking.piece_end(p);
         *sums++ = gu ? recon_range_sum<true>(xh, xv, begin, end, gu, grad_scale)
@@ -187,6 +246,11 @@ void recon_backward_into(const at::Tensor& grad_loss, const ReconOperands& rows,
     scalar_t* gxh = grad_x_hat.defined() ? grad_x_hat.data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = grad_x.defined() ? grad_x.data_ptr<scalar_t>() : nullptr;
     chunking.for_each_task([&](int64_t task) {
+      if (reduction == kNone && layout.per_sample < kLanes) {
+        recon_backward_short_samples(xh, xv, chunking.begin(task), chunking.end(task), layout.per_sample, g,
+                                     static_cast<acc_t>(scale), gxh, gx);
+        return;
+      }
       for (int64_t p = chunking.first_piece(task); p < chunking.end_piece(task); ++p) {
         const acc_t grad_rec = g[reduction == kNone ? chunking.row_of_piece(p) : 0] * static_cast<acc_t>(scale);
         recon_backward_range(xh, xv, chunking.piece_begin(p), chunking.piece_end(p), grad_rec, gxh, gx);

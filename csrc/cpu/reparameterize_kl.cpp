@@ -118,6 +118,15 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
     const BatchLayout work = task_layout(layout, reduction == kNone);
     const RowChunking chunking(work);
     reduce_rows_into<acc_t>(chunking, work, reduction, scale, kl, [&](int64_t task, acc_t* sums) {
+      if (reduction == kNone && layout.per_sample < kSubBlock) {
+        // Short samples: the task's samples are sampled as one run whose sub-blocks span several
+        // of them (a sub-block per sample of a few elements cost a sub-block's set-up each), and
+        // each sample's KL is added in element order.
+        SampleSums<acc_t> sample_sums(layout.per_sample, sums);
+        sample_range<scalar_t, acc_t>(args, chunking.begin(task), chunking.end(task), chunking.end(task),
+                                      [&](int64_t /*first*/, const acc_t* kl, int64_t n) { sample_sums.add(kl, n); });
+        return;
+      }
       // Sub-block sums (in element order) cascaded per piece; sub-blocks never straddle two pieces
       // (a task's internal piece boundaries are sample boundaries, and sample_range cuts there).
       int64_t piece = chunking.first_piece(task);
