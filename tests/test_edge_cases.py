@@ -347,6 +347,9 @@ def test_inf_propagates_reparameterize_kl(device, dtype):
     for reduction in ("sum", "mean", "batchmean"):
         _, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction=reduction)
         assert kl.item() == float("inf")
+        # free bits: an infinite batch mean stays infinite (compensated sums must not make it NaN)
+        _, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction=reduction, free_bits=0.1)
+        assert kl.item() == float("inf")
     logvar[2, 2] = float("inf")
     _, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="none")
     assert not torch.isfinite(kl[2])

@@ -243,14 +243,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 
 // ---- forward: columns (free bits) -----------------------------------------------------------
 // A block covers col_windows (TW) windows of 4 positions; its threads are TB = blockDim / TW lanes
-// over the batch: lane y adds samples y, y + TB, ... in order, cascaded as the CPU's CascadeSum
-// does (groups of kColumnFanIn samples, groups of kColumnFanIn group sums, then those in order: a
-// single running sum over a large batch loses digits; on the CPU B = 2^24 rows of 0.1 came out 15%
-// off in float32), then the TB lane sums of each position are added in lane order, divided by B
-// (kl_position_mean), floored at lam and summed; the blocks' floored sums are combined by the last
-// block. All orders fixed by the shape.
-constexpr int kColumnFanIn = 16;
-
+// over the batch: lane y adds samples y, y + TB, ... in order with Kahan's compensated summation,
+// then the TB lane sums of each position are added pairwise (lane l + TB/2 onto lane l, and so on),
+// divided by B (kl_position_mean), floored at lam and summed; the blocks' floored sums are
+// combined by the last block. All orders fixed by the shape. (A lane's running sum over a large
+// batch loses digits: on the CPU B = 2^24 rows of 0.1 came out 15% off in float32. A float32
+// simulation of this kernel's orders put 2^22 such rows 2e-6 off with plain running sums and a
+// two-level cascade in the lanes, the lanes added one after another; compensated lanes added
+// pairwise are exact there. Compensation holds fewer registers than a deeper cascade, which
+// spilled.)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     reparam_kl_forward_columns_kernel(const ForwardParams<scalar_t> p) {
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
   const int64_t d = p.per_sample, batch = p.batch;
-  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;
+  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;  // both powers of two
   const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
   const int64_t windows = (d + kWindow - 1) / kWindow;
   const int64_t col_tiles = (windows + tw - 1) / tw;
@@ -270,43 +271,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     const int count = w < windows ? static_cast<int>(min64(kWindow, d - j0)) : 0;
     acc_t col[kWindow] = {};
     if (count > 0) {
-      acc_t group[kWindow] = {}, groups[kWindow] = {};  // the cascade's two lower levels
-      int in_group = 0, in_groups = 0;
-      const auto carry = [](acc_t (&from)[kWindow], acc_t (&to)[kWindow]) {
-#pragma unroll
-        for (int e = 0; e < kWindow; ++e) {
-          to[e] += from[e];
-          from[e] = 0;
-        }
-      };
+      acc_t lost[kWindow] = {};  // Kahan: what the rounding of col dropped, subtracted next time
       for (int64_t b = y; b < batch; b += tb) {
         acc_t kl[kWindow];
         sample_window(p, seed, offset, b * d + j0, count, kl);
 #pragma unroll
-        for (int e = 0; e < kWindow; ++e) group[e] += kl[e];
-        if (++in_group == kColumnFanIn) {
-          carry(group, groups);
-          in_group = 0;
-          if (++in_groups == kColumnFanIn) {
-            carry(groups, col);
-            in_groups = 0;
-          }
+        for (int e = 0; e < kWindow; ++e) {
+          const acc_t term = kl[e] - lost[e];
+          const acc_t sum = col[e] + term;
+          // (an infinite sum keeps no compensation: inf - inf would turn it into NaN)
+          lost[e] = isfinite(sum) ? (sum - col[e]) - term : acc_t(0);
+          col[e] = sum;
         }
       }
-#pragma unroll
-      for (int e = 0; e < kWindow; ++e) col[e] += groups[e] + group[e];
     }
     __syncthreads();  // the previous tile's lane sums have been read
 #pragma unroll
     for (int e = 0; e < kWindow; ++e) lane_sums[threadIdx.x][e] = col[e];
     __syncthreads();
-    if (y == 0) {
+    if (y == 0) {  // thread x adds up column x's lanes, in place: no other thread touches them
 #pragma unroll
       for (int e = 0; e < kWindow; ++e) {
         if (e < count) {
-          acc_t column_sum = 0;
-          for (int lane = 0; lane < tb; ++lane) column_sum += lane_sums[lane * tw + x][e];
-          const acc_t mean = column_sum / static_cast<acc_t>(batch);
+          for (int half = tb / 2; half > 0; half /= 2) {
+            for (int lane = 0; lane < half; ++lane) lane_sums[lane * tw + x][e] += lane_sums[(lane + half) * tw + x][e];
+          }
+          const acc_t mean = lane_sums[x][e] / static_cast<acc_t>(batch);
           p.position_mean[j0 + e] = mean;
           floored += max_keep_nan(mean, p.free_bits);
         }
