@@ -478,12 +478,13 @@ def test_empty_batch_junk_filled(junk_fill):
     assert torch.equal(fastelbo.gaussian_recon_loss(mu, mu, reduction="none"), torch.zeros(3))
 
 
-@pytest.mark.parametrize("limit_mb, expect_kept_mib", [("0", 0), ("5", 4), (None, 16)],
-                         ids=["disabled", "5MB", "default"])
+@pytest.mark.parametrize("limit_mb, expect_kept_mib", [("0", 0), ("5", 4), (None, 16), ("1GB", 16), ("-5", 16)],
+                         ids=["disabled", "5MB", "default", "not-a-number", "negative"])
 def test_cpu_cache_limit_from_the_environment(limit_mb, expect_kept_mib):
     """FASTELBO_CPU_CACHE_MB caps the bytes the CPU output cache keeps while unused (0 disables
     it; default 1024): four freed 4 MiB gradients leave 0, one (5 MB fits one) or all four
-    cached. Run in a fresh process, since the limit is read once."""
+    cached. A value that is not a whole number >= 0 is reported, and the default kept. Run in a
+    fresh process, since the limit is read once."""
     import os
     import subprocess
     import sys
@@ -503,6 +504,8 @@ def test_cpu_cache_limit_from_the_environment(limit_mb, expect_kept_mib):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) == expect_kept_mib * 2**20
+    reported = f"FASTELBO_CPU_CACHE_MB={limit_mb} is not a whole number" in out.stderr
+    assert reported == (limit_mb in ("1GB", "-5")), out.stderr
 
 
 def test_cpu_buffer_cache_reuses_and_empties():

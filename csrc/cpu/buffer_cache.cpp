@@ -15,7 +15,9 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <string>
 #include <map>
 #include <mutex>
 
@@ -31,10 +33,21 @@ namespace {
 constexpr size_t kMinCachedBytes = size_t{1} << 20;  // smaller buffers: plain at::empty
 constexpr size_t kHugePage = size_t{2} << 20;
 
+// FASTELBO_CPU_CACHE_MB: a whole number of MiB >= 0 (0: no cache). Anything else is reported and
+// the default used, where atoll read "1GB" as 1 and "lots" as 0 (no cache) without a word.
 size_t cache_limit_bytes() {
+  constexpr long long kDefaultMiB = 1024;
   const char* env = std::getenv("FASTELBO_CPU_CACHE_MB");
-  const long long mb = env ? std::atoll(env) : 1024;
-  return mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
+  if (env == nullptr || *env == '\0') return static_cast<size_t>(kDefaultMiB) << 20;
+  char* end = nullptr;
+  errno = 0;
+  const long long mib = std::strtoll(env, &end, 10);
+  if (errno != 0 || end == env || *end != '\0' || mib < 0 || mib > (1LL << 30)) {
+    TORCH_WARN(std::string("fastelbo: FASTELBO_CPU_CACHE_MB=") + env +
+               " is not a whole number of MiB >= 0; the CPU output cache keeps the default, 1024 MiB");
+    return static_cast<size_t>(kDefaultMiB) << 20;
+  }
+  return static_cast<size_t>(mib) << 20;
 }
 
 struct Block {
