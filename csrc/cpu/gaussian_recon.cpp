@@ -127,29 +127,70 @@ void recon_short_samples(const scalar_t* x_hat, const scalar_t* x, int64_t begin
   }
 }
 
+// The incoming gradient (times the reduction's scale) of element i of a block: one value for the
+// whole block, or one per element (reduction "none" over samples shorter than the block).
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t grad_rec_at(acc_t grad_rec, int64_t /*i*/) {
+  return grad_rec;
+}
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t grad_rec_at(const acc_t* grad_rec, int64_t i) {
+  return grad_rec[i];
+}
+
 // grad_x_hat = grad_rec * (x_hat - x) and/or grad_x = -grad_x_hat for n elements in acc_t: one
 // loop per combination, over pointers that do not alias (outputs are fresh tensors), so that it
 // vectorizes plainly.
-template <bool kGradXHat, bool kGradX, typename acc_t>
+template <bool kGradXHat, bool kGradX, typename acc_t, typename GradRec>
 __attribute__((always_inline)) inline void recon_backward_loop(const acc_t* __restrict__ x_hat, const acc_t* __restrict__ x,
-                                                               int64_t n, acc_t grad_rec, acc_t* __restrict__ grad_x_hat,
+                                                               int64_t n, GradRec grad_rec, acc_t* __restrict__ grad_x_hat,
                                                                acc_t* __restrict__ grad_x) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t grad = math::grad_x_hat_element(x_hat[i], x[i], grad_rec);
+    const acc_t grad = math::grad_x_hat_element(x_hat[i], x[i], grad_rec_at(grad_rec, i));
     if constexpr (kGradXHat) grad_x_hat[i] = grad;
     if constexpr (kGradX) grad_x[i] = -grad;
   }
 }
 
-// The gradients for reduction "none" of elements [begin, end) holding whole samples of D < kLanes
-// elements: a block at a time, each element's incoming gradient looked up by its sample (a call
-// of recon_backward_range per sample cost more than the sample's few elements).
+// The same for the n <= kBlock elements at i of any dtype, each gradient written where its pointer
+// is not null.
+template <typename scalar_t, typename acc_t, typename GradRec>
+void recon_backward_block(const scalar_t* x_hat, const scalar_t* x, int64_t i, int64_t n, GradRec grad_rec,
+                          scalar_t* grad_x_hat, scalar_t* grad_x) {
+  acc_t xh_block[kBlock], xv_block[kBlock], gxh_block[kBlock], gx_block[kBlock];
+  const acc_t* xh = as_acc(x_hat + i, n, xh_block);
+  const acc_t* xv = as_acc(x + i, n, xv_block);
+  acc_t* gxh = grad_x_hat ? acc_out(grad_x_hat + i, gxh_block) : nullptr;
+  acc_t* gx = grad_x ? acc_out(grad_x + i, gx_block) : nullptr;
+  if (gxh && gx) {
+    recon_backward_loop<true, true>(xh, xv, n, grad_rec, gxh, gx);
+  } else if (gxh) {
+    recon_backward_loop<true, false>(xh, xv, n, grad_rec, gxh, gx);
+  } else if (gx) {
+    recon_backward_loop<false, true>(xh, xv, n, grad_rec, gxh, gx);
+  }
+  if (gxh) store_acc(gxh, n, grad_x_hat + i);
+  if (gx) store_acc(gx, n, grad_x + i);
+}
+
+// Elements [begin, end), all with the incoming gradient grad_rec, a block at a time.
+template <typename scalar_t, typename acc_t>
+void recon_backward_range(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, acc_t grad_rec,
+                          scalar_t* grad_x_hat, scalar_t* grad_x) {
+  for (int64_t i = begin; i < end; i += kBlock) {
+    recon_backward_block<scalar_t, acc_t>(x_hat, x, i, std::min(kBlock, end - i), grad_rec, grad_x_hat, grad_x);
+  }
+}
+
+// Reduction "none", elements [begin, end) holding whole samples of D < kLanes elements: a block at
+// a time, each element's incoming gradient looked up by its sample (a recon_backward_range per
+// sample cost more than the sample's few elements).
 template <typename scalar_t, typename acc_t>
 void recon_backward_short_samples(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, int64_t D,
                                   const acc_t* grad_loss, acc_t scale, scalar_t* grad_x_hat, scalar_t* grad_x) {
   for (int64_t i = begin, b = begin / D, filled = 0; i < end; i += kBlock) {
     const int64_t n = std::min(kBlock, end - i);
-    acc_t xh_block[kBlock], xv_block[kBlock], gxh_block[kBlock], gx_block[kBlock], grad_rec[kBlock];
+    acc_t grad_rec[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       grad_rec[j] = grad_loss[b] * scale;
       if (++filled == D) {
@@ -157,41 +198,7 @@ void recon_backward_short_samples(const scalar_t* x_hat, const scalar_t* x, int6
         ++b;
       }
     }
-    const acc_t* xh = as_acc(x_hat + i, n, xh_block);
-    const acc_t* xv = as_acc(x + i, n, xv_block);
-    acc_t* gxh = grad_x_hat ? acc_out(grad_x_hat + i, gxh_block) : nullptr;
-    acc_t* gx = grad_x ? acc_out(grad_x + i, gx_block) : nullptr;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t grad = math::grad_x_hat_element(xh[j], xv[j], grad_rec[j]);
-      if (gxh) gxh[j] = grad;
-      if (gx) gx[j] = -grad;
-    }
-    if (gxh) store_acc(gxh, n, grad_x_hat + i);
-    if (gx) store_acc(gx, n, grad_x + i);
-  }
-}
-
-// The same for elements [begin, end) of any dtype, each gradient written where its pointer is not
-// null, a block at a time.
-template <typename scalar_t, typename acc_t>
-void recon_backward_range(const scalar_t* x_hat, const scalar_t* x, int64_t begin, int64_t end, acc_t grad_rec,
-                          scalar_t* grad_x_hat, scalar_t* grad_x) {
-  for (int64_t i = begin; i < end; i += kBlock) {
-    const int64_t n = std::min(kBlock, end - i);
-    acc_t xh_block[kBlock], xv_block[kBlock], gxh_block[kBlock], gx_block[kBlock];
-    const acc_t* xh = as_acc(x_hat + i, n, xh_block);
-    const acc_t* xv = as_acc(x + i, n, xv_block);
-    acc_t* gxh = grad_x_hat ? acc_out(grad_x_hat + i, gxh_block) : nullptr;
-    acc_t* gx = grad_x ? acc_out(grad_x + i, gx_block) : nullptr;
-    if (gxh && gx) {
-      recon_backward_loop<true, true>(xh, xv, n, grad_rec, gxh, gx);
-    } else if (gxh) {
-      recon_backward_loop<true, false>(xh, xv, n, grad_rec, gxh, gx);
-    } else if (gx) {
-      recon_backward_loop<false, true>(xh, xv, n, grad_rec, gxh, gx);
-    }
-    if (gxh) store_acc(gxh, n, grad_x_hat + i);
-    if (gx) store_acc(gx, n, grad_x + i);
+    recon_backward_block<scalar_t, acc_t>(x_hat, x, i, n, static_cast<const acc_t*>(grad_rec), grad_x_hat, grad_x);
   }
 }
 

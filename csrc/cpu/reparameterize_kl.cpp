@@ -91,6 +91,7 @@ struct FreeBitsGrid {
   static constexpr int64_t kMaxRowBlocks = 64;
   static constexpr int64_t kMaxPartials = int64_t(1) << 20;
   int64_t column_chunks, row_blocks, rows_per_block;
+  int64_t grain;  // tasks per thread at the least, so that a small problem runs on the calling thread
 
   FreeBitsGrid(int64_t B, int64_t D) {
     column_chunks = (D + kChunk - 1) / kChunk;
@@ -99,13 +100,10 @@ struct FreeBitsGrid {
                                                 kMaxPartials / std::max<int64_t>(1, D)}));
     rows_per_block = (B + row_blocks - 1) / row_blocks;
     row_blocks = (B + rows_per_block - 1) / rows_per_block;  // no empty block at the end
+    const int64_t elements_per_task = rows_per_block * std::min(D, kChunk);
+    grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, elements_per_task));
   }
   int64_t num_tasks() const { return row_blocks * column_chunks; }
-  // Tasks per thread at the least (elements per task: rows_per_block * min(D, kChunk)), so that a
-  // small problem runs on the calling thread.
-  int64_t grain(int64_t D) const {
-    return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, rows_per_block * std::min(D, kChunk)));
-  }
 };
 
 template <typename scalar_t>
@@ -158,7 +156,7 @@ void reparameterize_kl_kernel(const SampleArgs<scalar_t>& args, const BatchLayou
   acc_t* position_mean = kl_position_mean.data_ptr<acc_t>();
   const FreeBitsGrid grid(B, D);
   std::vector<acc_t> partials(static_cast<size_t>(grid.row_blocks * D));
-  at::parallel_for(0, grid.num_tasks(), grid.grain(D), [&](int64_t first_task, int64_t last_task) {
+  at::parallel_for(0, grid.num_tasks(), grid.grain, [&](int64_t first_task, int64_t last_task) {
     for (int64_t task = first_task; task < last_task; ++task) {
       const int64_t block = task / grid.column_chunks, chunk = task - block * grid.column_chunks;
       const int64_t r0 = block * grid.rows_per_block, r1 = std::min(B, r0 + grid.rows_per_block);
