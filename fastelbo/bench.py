@@ -53,7 +53,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, make_out_dir, subcommand_main
+from .cli import (DTYPE_SHORT_NAMES, MAX_SEED, cpu_only_build_note, default_devices, int_at_least, make_out_dir,
+                  subcommand_main)
 
 # ----------------------------------------------------------------------------------------------
 # sizes, dtypes, modes
@@ -72,7 +73,6 @@ DEFAULT_SIZES = {
 }
 QUICK_SIZES = ("mnist-mlp", "ldm-ae-256")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # validate's names
 DEFAULT_DTYPES = ("fp32", "bf16")
 MODES = ("fwd", "fwd+bwd")
 
@@ -991,8 +991,7 @@ def _split(text, option):
 
 def _resolve(args):
     """-> (devices, {device: [Size]}, dtypes, providers, modes, Config); raises ValueError on bad input."""
-    present = ["cpu"] + (["cuda"] if cuda_kernels_available() else [])
-    devices = _split(args.devices, "--devices") if args.devices else present
+    devices = _split(args.devices, "--devices") if args.devices else default_devices()
     for d in devices:
         if d not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {d!r} (cpu, cuda)")
@@ -1016,7 +1015,7 @@ def _resolve(args):
     elif args.dtypes == "all":
         dtypes = list(DTYPES)
     else:
-        dtypes = [DTYPE_ALIASES.get(dt, dt) for dt in _split(args.dtypes, "--dtypes")]
+        dtypes = [DTYPE_SHORT_NAMES.get(dt, dt) for dt in _split(args.dtypes, "--dtypes")]
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"unknown dtype {dt!r} ({', '.join(DTYPES)})")
@@ -1056,8 +1055,8 @@ def run(args):
     if out_error:
         print(out_error, file=sys.stderr)
         return 2
-    if args.devices is None and cpu_only_build_note("bench"):
-        print(cpu_only_build_note("bench"), file=sys.stderr)
+    if args.devices is None and (note := cpu_only_build_note("bench")):
+        print(note, file=sys.stderr)
 
     from tqdm import tqdm
 

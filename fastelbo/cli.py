@@ -60,6 +60,16 @@ def cuda_kernels_available():
     return BUILT_WITH_CUDA and torch.cuda.is_available()
 
 
+def default_devices():
+    """The devices the commands run on by default: cpu, and cuda where the CUDA kernels can run."""
+    return ["cpu", "cuda"] if cuda_kernels_available() else ["cpu"]
+
+
+# The dtype names of `fastelbo validate` (torch's) and their short forms (`fastelbo bench`'s); each
+# command takes both.
+DTYPE_SHORT_NAMES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+
+
 def cpu_only_build_note(command):
     """A note for a command that leaves CUDA out of its default devices on a GPU machine, or None."""
     import torch

@@ -24,7 +24,8 @@ import time
 import torch
 from torch import nn
 
-from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, make_out_dir, subcommand_main
+from .cli import (MAX_SEED, cpu_only_build_note, cuda_kernels_available, default_devices, int_at_least, make_out_dir,
+                  subcommand_main)
 from .modules import VAE
 
 IMAGE_SIDE = 8
@@ -218,7 +219,7 @@ def resolve_device(value):
     """--device's value as a device: "auto" is cuda where fastelbo's CUDA kernels can run, else cpu."""
     if value != "auto":
         return value
-    return "cuda" if cuda_kernels_available() else "cpu"
+    return default_devices()[-1]
 
 
 def add_arguments(parser):
@@ -257,8 +258,8 @@ def _run(args):
         print(out_error, file=sys.stderr)
         return 2
     device = resolve_device(args.device)
-    if args.device == "auto" and cpu_only_build_note("demo"):
-        print(cpu_only_build_note("demo"))
+    if args.device == "auto" and (note := cpu_only_build_note("demo")):
+        print(note)
 
     train, test = load_digits_data(device, seed=args.seed)
     torch.manual_seed(args.seed)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from . import functional, reference
-from .cli import MAX_SEED, cpu_only_build_note, cuda_kernels_available, int_at_least, subcommand_main
+from .cli import (DTYPE_SHORT_NAMES, MAX_SEED, cpu_only_build_note, cuda_kernels_available, default_devices,
+                  int_at_least, subcommand_main)
 
 FUSED = functional        # the implementation under test
 REFERENCE = reference     # the oracle (run in float64, and in each dtype for the error budget)
@@ -336,7 +337,7 @@ def _shape_str(shape):
 
 def available_devices():
     """cpu, and cuda where fastelbo's CUDA kernels can run (a GPU and a build with them)."""
-    return ["cpu", "cuda"] if cuda_kernels_available() else ["cpu"]
+    return default_devices()
 
 
 def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, cases=None, shapes=None, seed=0,
@@ -434,7 +435,7 @@ def _device_choice(value):
 
 def _dtype_choice(value):
     """A dtype name: float32, float64, float16, bfloat16, or fastelbo bench's fp32, fp64, fp16, bf16."""
-    name = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}.get(value, value)
+    name = {short: long for long, short in DTYPE_SHORT_NAMES.items()}.get(value, value)
     if name not in DTYPES:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)} (or fp32, fp64, fp16, bf16), got {value!r}")
     return name
@@ -451,8 +452,8 @@ def add_arguments(parser):
 
 def run(args):
     devices = available_devices() if args.device == "all" else [args.device]
-    if args.device == "all" and cpu_only_build_note("validate"):
-        print(cpu_only_build_note("validate"))
+    if args.device == "all" and (note := cpu_only_build_note("validate")):
+        print(note)
     dtypes = [DTYPES[name] for name in args.dtype] if args.dtype else None
     print(f"fastelbo validate: fused ops vs fastelbo.reference on {', '.join(devices)}; "
           "values and gradients with a shared eps, against the float64 reference;")
