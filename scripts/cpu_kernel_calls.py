@@ -14,8 +14,9 @@ import fastelbo  # noqa: F401  (registers torch.ops.fastelbo)
 BATCHMEAN = fastelbo.ops.REDUCTIONS["batchmean"]
 
 
-def median_us(fn, reps):
-    for _ in range(min(50, reps)):
+def median_us(fn, reps, warmup=50):
+    """Median microseconds of `reps` calls of fn after min(warmup, reps) untimed ones."""
+    for _ in range(min(warmup, reps)):
         fn()
     times = []
     for _ in range(reps):

@@ -10,26 +10,20 @@ one, first on sys.path, so without it the editable install's build is imported.)
 Prints the median milliseconds per step. CPU timings are noisy: compare ratios within one run.
 """
 import argparse
-import time
 
 import torch
 
 import fastelbo
 from fastelbo import reference
 
+from cpu_kernel_calls import median_us  # (this script's folder is on sys.path when it runs)
+
 SHAPES = [(256, 64), (4096, 32), (65536, 64), (2**17, 16), (2**21, 1)]
 
 
 def median_ms(step, reps):
-    step()
-    step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    """Median milliseconds of `reps` steps after two untimed ones."""
+    return median_us(step, reps, warmup=2) / 1e3
 
 
 def main():
