@@ -126,6 +126,13 @@ bool set_cuda_one_block_enabled(bool enabled);
 // the other. set_cuda_large_blocks_enabled returns the previous setting.
 bool cuda_large_blocks_enabled();
 bool set_cuda_large_blocks_enabled(bool enabled);
+// Whether the CUDA free-bits forward splits a tall batch over more blocks (the columns split
+// kernel, csrc/cuda/reparameterize_kl.cu, free_bits_grid) instead of giving each block of
+// positions the whole batch. On unless FASTELBO_CUDA_FREE_BITS_SPLIT=0 is in the environment
+// when first asked. It changes the summation order of the per-position sums; it is there to time
+// one shape against the other. set_cuda_free_bits_split_enabled returns the previous setting.
+bool cuda_free_bits_split_enabled();
+bool set_cuda_free_bits_split_enabled(bool enabled);
 
 #ifdef FASTELBO_WITH_CUDA
 namespace cuda {
@@ -133,6 +140,16 @@ namespace cuda {
 // launched as on `device` (tests check that Hopper GPUs do get the cluster path).
 int64_t recon_forward_cluster_capacity(int device);
 int64_t reparam_kl_forward_cluster_capacity(int device);
+// The launch shape of the free-bits (columns) forward for B samples of D positions; host-only,
+// a function of the shape alone and of the free-bits split switch (tests check its invariants
+// without a GPU).
+struct FreeBitsGrid {
+  int col_windows = 1;         // TW windows of 4 positions per block
+  int64_t col_tiles = 1;       // tiles of TW windows covering the D positions
+  int64_t row_splits = 1;      // S: 1 = every block adds the whole batch (columns kernel)
+  int64_t blocks = 1;
+};
+FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample);
 }  // namespace cuda
 #endif
 

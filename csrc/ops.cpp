@@ -63,6 +63,11 @@ std::atomic<bool>& cuda_large_blocks_flag() {
   return flag;
 }
 
+std::atomic<bool>& cuda_free_bits_split_flag() {
+  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_FREE_BITS_SPLIT")};
+  return flag;
+}
+
 }  // namespace
 
 bool cuda_clusters_enabled() { return cuda_clusters_flag().load(std::memory_order_relaxed); }
@@ -76,6 +81,10 @@ bool set_cuda_one_block_enabled(bool enabled) { return cuda_one_block_flag().exc
 bool cuda_large_blocks_enabled() { return cuda_large_blocks_flag().load(std::memory_order_relaxed); }
 
 bool set_cuda_large_blocks_enabled(bool enabled) { return cuda_large_blocks_flag().exchange(enabled); }
+
+bool cuda_free_bits_split_enabled() { return cuda_free_bits_split_flag().load(std::memory_order_relaxed); }
+
+bool set_cuda_free_bits_split_enabled(bool enabled) { return cuda_free_bits_split_flag().exchange(enabled); }
 
 namespace {
 
@@ -426,6 +435,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   "the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads",
                   "in blocks of 128 (False; another summation order for the forward reductions, so losses "
                   "may differ in the last bits: for timing one shape against the other)");
+  def_cuda_switch("cuda_free_bits_split", &fastelbo::cuda_free_bits_split_enabled,
+                  &fastelbo::set_cuda_free_bits_split_enabled, "FASTELBO_CUDA_FREE_BITS_SPLIT",
+                  "the CUDA free-bits forward splits a tall batch over more blocks",
+                  "gives each block of positions the whole batch (False; another summation order, so the "
+                  "loss and the per-position means may differ in the last bits: for timing one shape against "
+                  "the other)");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(
@@ -437,6 +452,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The largest thread-block cluster (blocks; 0: none) each op's float32 forward reduction can "
       "use on a CUDA device.");
+  m.def(
+      "_cuda_free_bits_grid",
+      [](int64_t batch, int64_t per_sample) {
+        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1, "_cuda_free_bits_grid takes B >= 1 and D >= 1");
+        const fastelbo::cuda::FreeBitsGrid grid = fastelbo::cuda::free_bits_grid(batch, per_sample);
+        return std::map<std::string, int64_t>{{"col_windows", grid.col_windows},
+                                              {"col_tiles", grid.col_tiles},
+                                              {"row_splits", grid.row_splits},
+                                              {"blocks", grid.blocks}};
+      },
+      "The launch shape of the CUDA free-bits forward for B samples of D positions (no GPU needed).");
 #else
   m.attr("built_with_cuda") = false;
 #endif

@@ -80,12 +80,13 @@ def eps_from_cpu(rng_state, shape, num_samples, dtype=torch.float32):
 
 @pytest.mark.parametrize("num_samples", [1, 3])
 @pytest.mark.parametrize("kernel", ["flat", "rows", "columns"])
-@pytest.mark.parametrize("shape", [(4, 8), (5, 7), (3, 1001), (2, 3, 5, 7), (9, 16389)],
-                         ids=["4x8", "5x7", "3x1001", "2x3x5x7", "9x16389"])
+@pytest.mark.parametrize("shape", [(4, 8), (5, 7), (3, 1001), (2, 3, 5, 7), (9, 16389), (600, 20), (700, 3)],
+                         ids=["4x8", "5x7", "3x1001", "2x3x5x7", "9x16389", "600x20", "700x3"])
 def test_forward_eps_matches_cpu(shape, kernel, num_samples):
     """mu = 0, logvar = 0: z = eps exactly. Each forward kernel shape (flat for "sum", rows for
-    "none", columns for free bits), including sample sizes that are not a multiple of 4 (windows
-    straddling Philox groups), draws the eps the CPU kernel computes for the same (seed, offset)."""
+    "none", columns for free bits: its split over the batch at 600x20 and 700x3), including sample
+    sizes that are not a multiple of 4 (windows straddling Philox groups), draws the eps the CPU
+    kernel computes for the same (seed, offset)."""
     reduction, free_bits = {"flat": ("sum", 0.0), "rows": ("none", 0.0), "columns": ("batchmean", 0.5)}[kernel]
     mu = torch.zeros(shape, device="cuda")
     z, kl, rng_state, _ = ops.reparameterize_kl(mu, mu, None, None, num_samples, RED[reduction], free_bits)
@@ -160,7 +161,19 @@ CASES = [
     ((2, 300000), "none", 0.0, 1),
     ((1500, 6), "none", 0.0, 1),
     ((1, 1), "sum", 0.0, 1),
+    # tall batches, where the free-bits forward splits the batch over more blocks
+    ((4096, 20), "batchmean", 0.1, 1),
+    ((1000, 37), "sum", 0.4, 2),
+    ((20000, 3), "mean", 0.05, 1),
 ]
+
+
+def test_free_bits_cases_take_both_columns_kernels():
+    """The free-bits cases above run the columns kernel alone (small batches) and the split
+    kernel (tall batches), so test_reparameterize_kl_cuda_matches_cpu checks both."""
+    splits = [fastelbo._C._cuda_free_bits_grid(shape[0], shape[1])["row_splits"]
+              for shape, _, free_bits, _ in CASES if free_bits > 0]
+    assert min(splits) == 1 and max(splits) > 1, splits
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
@@ -338,8 +351,10 @@ RUN_CASES = [("sum", 0.0), ("none", 0.0), ("batchmean", 0.2)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("reduction,free_bits", RUN_CASES, ids=[f"{r}-fb{f}" for r, f in RUN_CASES])
-def test_bit_identical_over_runs(reduction, free_bits, dtype):
-    shapes = ((48, 5003), (48, 40001))  # many blocks, ragged tails
+@pytest.mark.parametrize("shapes", [((48, 5003), (48, 40001)), ((4096, 20), (4096, 30))], ids=["wide", "tall"])
+def test_bit_identical_over_runs(reduction, free_bits, dtype, shapes):
+    """Wide samples: many blocks, ragged tails. A tall batch: the free-bits forward split over
+    many blocks, whose last block adds the splits' sums."""
     first = _full_step_outputs(7, shapes, dtype, reduction, free_bits)
     for _ in range(3):
         again = _full_step_outputs(7, shapes, dtype, reduction, free_bits)
@@ -363,8 +378,9 @@ POISON_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", POISON_DTYPES, ids=[str(d).removeprefix("torch.") for d in POISON_DTYPES])
 @pytest.mark.parametrize("reduction,free_bits", RUN_CASES + [("mean", 0.0)], ids=[f"{r}-fb{f}" for r, f in RUN_CASES + [("mean", 0.0)]])
-@pytest.mark.parametrize("shapes", [((128, 20), (128, 784)), ((33, 4097), (33, 20001)), ((3, 5), (3, 7))],
-                         ids=["mnist", "ragged", "tiny"])
+@pytest.mark.parametrize("shapes", [((128, 20), (128, 784)), ((33, 4097), (33, 20001)), ((3, 5), (3, 7)),
+                                    ((4096, 21), (4096, 30))],
+                         ids=["mnist", "ragged", "tiny", "tall"])
 def test_every_output_element_written(shapes, reduction, free_bits, dtype):
     """Every output lands in memory poisoned with NaN and comes back NaN-free: the forward ops
     (drawn and given eps, one and two draws), the sample+KL backward with each incoming gradient
@@ -536,6 +552,7 @@ def _restoring_switch(setter):
 restore_cluster_switch = _restoring_switch("_set_cuda_clusters")
 restore_one_block_switch = _restoring_switch("_set_cuda_one_block")
 restore_large_blocks_switch = _restoring_switch("_set_cuda_large_blocks")
+restore_free_bits_split_switch = _restoring_switch("_set_cuda_free_bits_split")
 
 
 def _both_ways(setter, outputs):
@@ -660,6 +677,52 @@ def test_large_blocks_switch_keeps_the_values(restore_large_blocks_switch, shape
     results = _both_ways("_set_cuda_large_blocks", outputs)
     _check_both_ways(results, ("z", "rng_state", "grad_mu", "grad_logvar", "grad_unit", "grad_x_hat", "grad_x",
                                "finished"), mu, logvar, x_hat, x, "batchmean", 1, "large blocks")
+
+
+# (batch, positions) whose free-bits forward is split over more blocks (tests/test_cuda_grid.py):
+# 32 splits of 20 positions, 128 of 3 (one window per block), 8 of 37 (a ragged last window).
+FREE_BITS_SPLIT_SHAPES = [(4096, 20), (2**16, 3), (1000, 37)]
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shape", FREE_BITS_SPLIT_SHAPES, ids=[f"{b}x{d}" for b, d in FREE_BITS_SPLIT_SHAPES])
+def test_free_bits_split_switch_keeps_the_values(restore_free_bits_split_switch, shape, dtype, num_samples):
+    """FASTELBO_CUDA_FREE_BITS_SPLIT=0 (_set_cuda_free_bits_split(False)) gives each block of
+    positions the whole batch again: z, the RNG state and the gradients are the same bits (no
+    position's batch mean is within rounding of the floor: mu's scale grows along the positions,
+    so some are floored and some not), and both ways' per-position means and floored loss agree
+    with float64 math."""
+    B, D = shape
+    free_bits = 0.5
+    assert fastelbo._C._cuda_free_bits_grid(B, D)["row_splits"] > 1
+    mu = randn((B, D), dtype, seed=1) * torch.linspace(0.1, 2.0, D, device="cuda").to(dtype)
+    logvar = randn((B, D), dtype, seed=2, scale=0.6)
+    grad_z = randn((num_samples, B, D) if num_samples > 1 else (B, D), dtype, seed=5)
+    grad_kl = torch.tensor(1.7, device="cuda")
+    code = RED["batchmean"]
+
+    def outputs():
+        torch.manual_seed(13)
+        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, free_bits)
+        gm, glv = ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng, pm, num_samples, code,
+                                                 free_bits)
+        return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, grad_mu=gm, grad_logvar=glv)
+
+    results = _both_ways("_set_cuda_free_bits_split", outputs)
+    for name in ("z", "rng_state", "grad_mu", "grad_logvar"):
+        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the split off"
+    mu64, logvar64 = mu.double(), logvar.double()
+    want_mean = (0.5 * (mu64**2 + logvar64.exp() - 1 - logvar64)).mean(0)
+    assert (want_mean < free_bits).any() and (want_mean > free_bits).any()
+    unused_eps = torch.zeros(results[True]["z"].shape, dtype=torch.float64, device="cuda")
+    want_kl = reference.reparameterize_kl(mu64, logvar64, free_bits=free_bits, eps=unused_eps,
+                                          num_samples=num_samples)[1]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for on, r in results.items():
+        torch.testing.assert_close(r["kl_position_mean"].double(), want_mean, rtol=tol, atol=tol,
+                                   msg=lambda m: f"kl_position_mean, split {on}: {m}")
+        torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=lambda m: f"kl, split {on}: {m}")
 
 
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):

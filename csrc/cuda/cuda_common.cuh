@@ -11,7 +11,9 @@
 // atomics: the same inputs give the same bits on every run, for any interleaving of the blocks.
 //
 // The grid depends only on the problem size (kThreads, kMaxBlocks are constants tuned for the
-// 132-SM H100/H200), never on the device, so the summation order is fixed too.
+// 132-SM H100/H200), never on the device, so the summation order is fixed too. Two process-wide
+// switches (FASTELBO_CUDA_ONE_BLOCK, FASTELBO_CUDA_LARGE_BLOCKS, both on by default; there to time
+// one shape against the other) also choose the shape, so bits are compared under one setting.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -426,13 +428,42 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t fir
   return v;
 }
 
+// sum_partials with Kahan's compensated summation, for partials that are many and alike (the
+// free-bits split sums of one position: a running float32 sum of a thousand alike values drops
+// about a thousand half-ulps, all of one sign). Same order; an infinite sum keeps no compensation
+// (inf - inf would turn it into NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_partials_compensated(const acc_t* partials, int64_t first, int64_t end,
+                                                          int64_t step) {
+  acc_t v = 0, lost = 0;
+  for (int64_t i0 = first; i0 < end; i0 += kPartialBatch * step) {
+    acc_t batch[kPartialBatch];
+#pragma unroll
+    for (int j = 0; j < kPartialBatch; ++j) {
+      const int64_t i = i0 + j * step;
+      batch[j] = i < end ? load_partial(partials + i) : acc_t(0);
+    }
+#pragma unroll
+    for (int j = 0; j < kPartialBatch; ++j) {
+      if (i0 + j * step < end) {
+        const acc_t term = batch[j] - lost;
+        const acc_t sum = v + term;
+        lost = isfinite(sum) ? (sum - v) - term : acc_t(0);
+        v = sum;
+      }
+    }
+  }
+  return v;
+}
+
 // Sum of every block's value (valid in thread 0) in block order, handed to use_total(total) in
 // thread 0 of exactly one block. One block: nothing to combine. A grid launched as one
 // thread-block cluster (launch_reducing_kernel, sm_90): the first block reads the others' values from
 // their shared memory, and uses the total before the cluster's last barrier, so that its store
 // overlaps that barrier. Otherwise the ticket: the last block to finish reads the partials. The
-// same additions in the same order either way (thread t takes block t's value, then block_sum),
-// so cluster and ticket give the same bits. Every thread of every block must call it.
+// same additions in the same order either way (thread t adds the values of blocks t, t +
+// blockDim.x, ... in order, then block_sum; a cluster has at most 16 blocks, one per thread), so
+// cluster and ticket give the same bits. Every thread of every block must call it.
 template <typename acc_t, typename UseTotal>
 __device__ __forceinline__ void grid_total(acc_t block_value, acc_t* partials, unsigned int slot,
                                            UseTotal&& use_total) {

@@ -61,7 +61,8 @@ struct ForwardParams {
   unsigned int slot;      // ticket slot (see cuda_common.cuh)
   int64_t tiles_per_row;     // rows kernel: C tiles per sample
   int64_t windows_per_tile;  // rows kernel
-  int col_windows;           // columns kernel: windows per block row (TW)
+  int col_windows;           // columns kernels: windows per block row (TW)
+  int64_t row_splits;        // columns split kernel: S splits of the batch
 };
 
 // The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
@@ -243,15 +244,75 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 
 // ---- forward: columns (free bits) -----------------------------------------------------------
 // A block covers col_windows (TW) windows of 4 positions; its threads are TB = blockDim / TW lanes
-// over the batch: lane y adds samples y, y + TB, ... in order with Kahan's compensated summation,
-// then the TB lane sums of each position are added pairwise (lane l + TB/2 onto lane l, and so on),
-// divided by B (kl_position_mean), floored at lam and summed; the blocks' floored sums are
-// combined by the last block. All orders fixed by the shape. (A lane's running sum over a large
-// batch loses digits: on the CPU B = 2^24 rows of 0.1 came out 15% off in float32. A float32
-// simulation of this kernel's orders put 2^22 such rows 2e-6 off with plain running sums and a
-// two-level cascade in the lanes, the lanes added one after another; compensated lanes added
-// pairwise are exact there. Compensation holds fewer registers than a deeper cascade, which
-// spilled.)
+// over the batch (tile_column_sums). The per-position sums are divided by B (kl_position_mean),
+// floored at lam and summed; the blocks' floored sums are combined by the last block. A tall batch
+// of few positions is split over more blocks (the split kernel below). All orders fixed by the
+// shape.
+
+// The sums over samples first_row, first_row + row_step, ... (first_row < row_step) of the
+// positions of one window per TW: thread (x, y) covers window x's positions j0 .. j0 + count - 1
+// (count 0: past the last window) as lane y, adding samples first_row + y, first_row + y +
+// row_step, ... in order with Kahan's compensated summation; then the TB lane sums of each
+// position are added pairwise (lane l + TB/2 onto lane l, and so on). On return lane_sums[x][e] holds position j0 + e's sum, for thread y == 0, which
+// wrote it (no barrier needed to read it). Every thread of the block must call it: it has two
+// barriers, the first of which lets a caller reuse lane_sums from one call to the next. (A lane's
+// running sum over a large batch loses digits: on the CPU B = 2^24 rows of 0.1 came out 15% off in
+// float32. A float32 simulation of this kernel's orders put 2^22 such rows 2e-6 off with plain
+// running sums and a two-level cascade in the lanes, the lanes added one after another;
+// compensated lanes added pairwise are exact there. Compensation holds fewer registers than a
+// deeper cascade, which spilled.)
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tile_column_sums(const ForwardParams<scalar_t>& p, uint64_t seed,
+                                                 uint64_t offset, int64_t j0, int count, int64_t first_row,
+                                                 int64_t row_step, acc_t (&lane_sums)[kThreads][kWindow]) {
+  const int64_t d = p.per_sample;
+  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;  // both powers of two
+  const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
+  acc_t col[kWindow] = {};
+  if (count > 0) {
+    acc_t lost[kWindow] = {};  // Kahan: what the rounding of col dropped, subtracted next time
+    for (int64_t b = first_row + y; b < p.batch; b += row_step) {
+      acc_t kl[kWindow];
+      sample_window(p, seed, offset, b * d + j0, count, kl);
+#pragma unroll
+      for (int e = 0; e < kWindow; ++e) {
+        const acc_t term = kl[e] - lost[e];
+        const acc_t sum = col[e] + term;
+        // (an infinite sum keeps no compensation: inf - inf would turn it into NaN)
+        lost[e] = isfinite(sum) ? (sum - col[e]) - term : acc_t(0);
+        col[e] = sum;
+      }
+    }
+  }
+  __syncthreads();  // the previous call's lane sums have been read
+#pragma unroll
+  for (int e = 0; e < kWindow; ++e) lane_sums[threadIdx.x][e] = col[e];
+  __syncthreads();
+  if (y == 0) {  // thread x adds up column x's lanes, in place: no other thread touches them
+#pragma unroll
+    for (int e = 0; e < kWindow; ++e) {
+      if (e < count) {
+        for (int half = tb / 2; half > 0; half /= 2) {
+          for (int lane = 0; lane < half; ++lane) lane_sums[lane * tw + x][e] += lane_sums[(lane + half) * tw + x][e];
+        }
+      }
+    }
+  }
+}
+
+// Window x of column tile t: its first position and how many of its 4 positions exist.
+__device__ __forceinline__ int64_t tile_window_start(int64_t t, int tw, int x) { return (t * tw + x) * kWindow; }
+__device__ __forceinline__ int window_count(int64_t j0, int64_t d) {
+  return j0 < d ? static_cast<int>(min64(kWindow, d - j0)) : 0;
+}
+
+// The floored loss from the floored sum sum_j max(kbar_j, lam): as on the CPU, the batchmean
+// value times B, times the reduction's scale.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_floored_kl(const ForwardParams<scalar_t>& p, acc_t floored_total) {
+  p.kl[0] = static_cast<acc_t>(static_cast<double>(floored_total) * static_cast<double>(p.batch) * p.scale);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     reparam_kl_forward_columns_kernel(const ForwardParams<scalar_t> p) {
@@ -260,42 +321,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
   const int64_t d = p.per_sample, batch = p.batch;
-  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;  // both powers of two
+  const int tw = p.col_windows;
   const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
-  const int64_t windows = (d + kWindow - 1) / kWindow;
-  const int64_t col_tiles = (windows + tw - 1) / tw;
+  const int64_t col_tiles = ((d + kWindow - 1) / kWindow + tw - 1) / tw;
   acc_t floored = 0;
   for (int64_t t = blockIdx.x; t < col_tiles; t += gridDim.x) {
-    const int64_t w = t * tw + x;
-    const int64_t j0 = w * kWindow;
-    const int count = w < windows ? static_cast<int>(min64(kWindow, d - j0)) : 0;
-    acc_t col[kWindow] = {};
-    if (count > 0) {
-      acc_t lost[kWindow] = {};  // Kahan: what the rounding of col dropped, subtracted next time
-      for (int64_t b = y; b < batch; b += tb) {
-        acc_t kl[kWindow];
-        sample_window(p, seed, offset, b * d + j0, count, kl);
-#pragma unroll
-        for (int e = 0; e < kWindow; ++e) {
-          const acc_t term = kl[e] - lost[e];
-          const acc_t sum = col[e] + term;
-          // (an infinite sum keeps no compensation: inf - inf would turn it into NaN)
-          lost[e] = isfinite(sum) ? (sum - col[e]) - term : acc_t(0);
-          col[e] = sum;
-        }
-      }
-    }
-    __syncthreads();  // the previous tile's lane sums have been read
-#pragma unroll
-    for (int e = 0; e < kWindow; ++e) lane_sums[threadIdx.x][e] = col[e];
-    __syncthreads();
-    if (y == 0) {  // thread x adds up column x's lanes, in place: no other thread touches them
+    const int64_t j0 = tile_window_start(t, tw, x);
+    const int count = window_count(j0, d);
+    tile_column_sums(p, seed, offset, j0, count, 0, static_cast<int64_t>(blockDim.x) / tw, lane_sums);
+    if (y == 0) {
 #pragma unroll
       for (int e = 0; e < kWindow; ++e) {
         if (e < count) {
-          for (int half = tb / 2; half > 0; half /= 2) {
-            for (int lane = 0; lane < half; ++lane) lane_sums[lane * tw + x][e] += lane_sums[(lane + half) * tw + x][e];
-          }
           const acc_t mean = lane_sums[x][e] / static_cast<acc_t>(batch);
           p.position_mean[j0 + e] = mean;
           floored += max_keep_nan(mean, p.free_bits);
@@ -304,10 +341,70 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     }
   }
   floored = block_sum(floored);
-  grid_total(floored, p.partials, p.slot, [&](acc_t total) {
-    // As on the CPU: the batchmean value sum_j max(kbar_j, lam), times B, times the scale.
-    p.kl[0] = static_cast<acc_t>(static_cast<double>(total) * static_cast<double>(batch) * p.scale);
-  });
+  grid_total(floored, p.partials, p.slot, [&](acc_t total) { write_floored_kl(p, total); });
+}
+
+// ---- forward: columns split over the batch (free bits, tall batches) --------------------------
+// With few positions the columns kernel has few tiles (B = 2^16 samples of 20 positions: 2 blocks),
+// and each lane adds thousands of samples one after another. Here the batch is dealt out to S
+// splits: block (tile t, split r) adds samples r TB + y, r TB + y + S TB, ... of its tile in lane y
+// as the columns kernel adds the whole batch, and stores each position's sum in
+// partials[r * D + j]. The last block to finish adds each position's S split sums in split order
+// (a group of `lanes` threads per position, each compensated, then a fixed butterfly, as
+// finish_rows adds a sample's tiles), then divides, floors and sums as the columns kernel does. All
+// orders fixed by the shape.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    reparam_kl_forward_columns_split_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t lane_sums[kThreads][kWindow];
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t d = p.per_sample, splits = p.row_splits;
+  const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;
+  const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
+  const int64_t segments = ((d + kWindow - 1) / kWindow + tw - 1) / tw * splits;
+  // Segment s = (tile t, split r). The host launches one block per segment; written as a
+  // grid-stride loop all the same, the form in which ptxas keeps the sums in registers (as one
+  // straight pass it spilled them to local memory on every sample, at the same 64 registers).
+  for (int64_t s = blockIdx.x; s < segments; s += gridDim.x) {
+    const int64_t t = s / splits, r = s - t * splits;
+    const int64_t j0 = tile_window_start(t, tw, x);
+    const int count = window_count(j0, d);
+    tile_column_sums(p, seed, offset, j0, count, r * tb, splits * tb, lane_sums);
+    if (y == 0) {
+#pragma unroll
+      for (int e = 0; e < kWindow; ++e) {
+        if (e < count) p.partials[r * d + j0 + e] = lane_sums[x][e];
+      }
+    }
+  }
+  // The ticket releases thread 0's writes; the other writers' are made visible first.
+  if (y == 0) __threadfence();
+  unsigned int* counter = &ticket_counters[p.slot];
+  if (!take_ticket_is_last(counter)) return;
+  // The last block: `lanes` threads per position (lanes * positions per pass <= blockDim.x).
+  const int lanes = finish_rows_lanes(d, blockDim.x);
+  const int64_t per_pass = blockDim.x / lanes;
+  const int lane = static_cast<int>(threadIdx.x % lanes);
+  acc_t floored = 0;
+  for (int64_t j_first = 0; j_first < d; j_first += per_pass) {  // the same passes in every thread
+    const int64_t j = j_first + threadIdx.x / lanes;
+    acc_t v = j < d ? sum_partials_compensated(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0);
+    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+      v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
+    }
+    if (lane == 0 && j < d) {
+      const acc_t mean = v / static_cast<acc_t>(p.batch);
+      p.position_mean[j] = mean;
+      floored += max_keep_nan(mean, p.free_bits);
+    }
+  }
+  floored = block_sum(floored);
+  if (threadIdx.x == 0) {
+    reset_ticket(counter);
+    write_floored_kl(p, floored);
+  }
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -436,6 +533,34 @@ __global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t
 
 // ---- host -----------------------------------------------------------------------------------
 
+}  // namespace
+
+// Columns (free bits): TW windows per block; narrower tiles (more lanes over the batch, more
+// blocks) while the grid is small and the batch can feed the lanes. A lane that would still add
+// more than kColumnRowsPerLane samples has the batch split over up to kMaxBlocks blocks in all
+// (the split kernel), with at most kMaxColumnPartials split sums for its last block to add: at
+// most a few rounds of kPartialBatch loads per thread when they spread over the block. (Off with
+// the free-bits split switch, csrc/fastelbo.h: the columns kernel alone, for timing.)
+FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample) {
+  constexpr int64_t kColumnRowsPerLane = 4;
+  constexpr int64_t kMaxColumnPartials = int64_t{kThreads} * kPartialBatch * 4;
+  const int64_t windows = ceil_div(per_sample, kWindow);
+  int tw = 1;
+  while (tw < 32 && tw < windows) tw *= 2;
+  while (tw > 4 && ceil_div(windows, tw) * 2 <= kMaxBlocks && kThreads / tw < batch) tw /= 2;
+  FreeBitsGrid grid;
+  grid.col_windows = tw;
+  grid.col_tiles = ceil_div(windows, tw);
+  const int64_t lanes = kThreads / tw;
+  const int64_t splits = std::min({ceil_div(batch, lanes * kColumnRowsPerLane), kMaxBlocks / grid.col_tiles,
+                                   kMaxColumnPartials / std::max<int64_t>(per_sample, 1)});
+  grid.row_splits = cuda_free_bits_split_enabled() ? std::max<int64_t>(splits, 1) : 1;
+  grid.blocks = grid.row_splits == 1 ? std::min<int64_t>(grid.col_tiles, kMaxBlocks) : grid.col_tiles * grid.row_splits;
+  return grid;
+}
+
+namespace {
+
 template <typename scalar_t>
 void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bits,
                     const at::Tensor& mu, cudaStream_t stream) {
@@ -445,16 +570,17 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
   const bool windows_vec = d % kWindow == 0 && all_aligned({p.mu, p.logvar, p.eps, p.z}, window_align);
 
   if (free_bits > 0.0) {
-    // Columns: TW windows per block; narrower tiles (more lanes over the batch, more blocks) while
-    // the grid is small and the batch can feed the lanes.
-    int tw = 1;
-    while (tw < 32 && tw < windows) tw *= 2;
-    while (tw > 4 && ceil_div(windows, tw) * 2 <= kMaxBlocks && kThreads / tw < batch) tw /= 2;
-    const int64_t blocks = std::min<int64_t>(ceil_div(windows, tw), kMaxBlocks);
-    p.col_windows = tw;
+    const FreeBitsGrid grid = free_bits_grid(batch, d);
+    p.col_windows = grid.col_windows;
+    p.row_splits = grid.row_splits;
     p.vec = windows_vec;
-    launch_reducing_kernel<reparam_kl_forward_columns_kernel<scalar_t>>(blocks, kThreads, blocks, false, p,
-                                                                        mu.options(), stream);
+    if (grid.row_splits == 1) {
+      launch_reducing_kernel<reparam_kl_forward_columns_kernel<scalar_t>>(grid.blocks, kThreads, grid.blocks, false,
+                                                                          p, mu.options(), stream);
+    } else {  // partials: S split sums per position
+      launch_reducing_kernel<reparam_kl_forward_columns_split_kernel<scalar_t>>(
+          grid.blocks, kThreads, d * grid.row_splits, false, p, mu.options(), stream);
+    }
   } else if (reduction == kNone) {
     const RowsGrid grid = rows_grid(batch, windows, 1);
     p.windows_per_tile = grid.windows_per_tile;

@@ -1,0 +1,96 @@
+"""The launch shape of the CUDA free-bits forward (csrc/cuda/reparameterize_kl.cu, free_bits_grid),
+computed on the host: checked on any machine whose build has the CUDA kernels, GPU or not. The
+kernels themselves are checked on a GPU (tests/test_cuda.py: values against the CPU, both
+settings of the split switch, poisoned outputs, bits over runs).
+
+The columns kernel gives each block a tile of positions and the whole batch, a lane of the block
+adding every 128 / TW-th sample one after another. A tall batch of few positions then ran on a
+couple of blocks: (65536, 20) on 2 blocks whose lanes added 2048 samples each. The split kernel
+deals the batch out to more blocks.
+"""
+import math
+
+import pytest
+
+import fastelbo
+
+pytestmark = pytest.mark.skipif(
+    not fastelbo._C.built_with_cuda,
+    reason="fastelbo was built without its CUDA kernels (FASTELBO_CUDA=0 or no nvcc at build time)",
+)
+
+THREADS = 128          # kThreads, csrc/cuda/cuda_common.cuh: the columns kernels' block
+MAX_BLOCKS = 132 * 8   # kMaxBlocks: one wave of 8 blocks on each of the H100's / H200's 132 SMs
+
+SHAPES = [(B, D) for B in (1, 2, 31, 128, 129, 1000, 4096, 65536, 2**22)
+          for D in (1, 3, 4, 20, 37, 256, 1000, 4096, 16389)]
+
+
+@pytest.fixture
+def split_switch_on():
+    previous = fastelbo._C._set_cuda_free_bits_split(True)
+    yield
+    fastelbo._C._set_cuda_free_bits_split(previous)
+
+
+def lanes_and_rows(grid, batch):
+    """Lanes per block, and the most samples one lane adds."""
+    lanes = THREADS // grid["col_windows"]
+    return lanes, math.ceil(batch / (grid["row_splits"] * lanes))
+
+
+@pytest.mark.parametrize("batch,per_sample", SHAPES, ids=[f"{b}x{d}" for b, d in SHAPES])
+def test_free_bits_grid_covers_every_position_and_sample(split_switch_on, batch, per_sample):
+    """The tiles cover the positions with no empty tile, the grid fits one wave, and every split
+    of the batch has samples (split r's lanes start at sample r * lanes)."""
+    grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
+    tw, tiles, splits = grid["col_windows"], grid["col_tiles"], grid["row_splits"]
+    windows = math.ceil(per_sample / 4)
+    assert tw in (1, 2, 4, 8, 16, 32), grid
+    assert (tiles - 1) * tw < windows <= tiles * tw, grid
+    assert 1 <= grid["blocks"] <= MAX_BLOCKS, grid
+    lanes, _ = lanes_and_rows(grid, batch)
+    if splits == 1:
+        assert grid["blocks"] == min(tiles, MAX_BLOCKS), grid
+    else:
+        assert grid["blocks"] == tiles * splits, grid
+        assert (splits - 1) * lanes < batch, grid
+
+
+@pytest.mark.parametrize("batch,per_sample", [(65536, 20), (2**22, 1), (2**20, 4), (4096, 20), (1000, 37)])
+def test_tall_batches_are_split(split_switch_on, batch, per_sample):
+    """A tall batch of few positions gets many blocks, each lane adding a few dozen samples at most
+    (unsplit: (65536, 20) on 2 blocks, 2048 samples per lane; (2^22, 1) on 1 block, 32768)."""
+    grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
+    _, rows = lanes_and_rows(grid, batch)
+    unsplit_rows = math.ceil(batch / (THREADS // grid["col_windows"]))
+    assert grid["row_splits"] > 1, grid
+    assert grid["blocks"] >= min(8 * grid["col_tiles"], MAX_BLOCKS // 2), grid
+    assert rows <= max(4, unsplit_rows // 8), (grid, rows)
+
+
+@pytest.mark.parametrize("batch,per_sample", [(128, 20), (64, 4096), (8, 196608), (1, 1), (128, 1000)])
+def test_small_batches_keep_one_pass(split_switch_on, batch, per_sample):
+    """Where each lane adds at most 4 samples anyway (mnist's (128, 20): 32 lanes), or the positions
+    alone fill the grid, the columns kernel runs as before: no split, no second pass."""
+    grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
+    assert grid["row_splits"] == 1, grid
+
+
+def test_split_switch_turns_the_split_off(split_switch_on):
+    """FASTELBO_CUDA_FREE_BITS_SPLIT=0 (_set_cuda_free_bits_split(False)): every shape runs as the
+    columns kernel alone, with the same tiles."""
+    for batch, per_sample in SHAPES:
+        on = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
+        fastelbo._C._set_cuda_free_bits_split(False)
+        try:
+            off = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
+        finally:
+            fastelbo._C._set_cuda_free_bits_split(True)
+        assert off["row_splits"] == 1 and off["col_windows"] == on["col_windows"], (batch, per_sample, off)
+        assert off["blocks"] == min(off["col_tiles"], MAX_BLOCKS), off
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="B >= 1 and D >= 1"):
+        fastelbo._C._cuda_free_bits_grid(0, 20)
