@@ -38,6 +38,16 @@ pytestmark = [
 
 ops = torch.ops.fastelbo
 RED = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+
+
+@pytest.fixture(autouse=True)
+def free_bits_split_on():
+    """The tall free-bits cases below are there to run the split kernel: the split is on (its
+    default) whatever FASTELBO_CUDA_FREE_BITS_SPLIT says; test_free_bits_split_switch_keeps_the_values
+    covers the other setting."""
+    previous = fastelbo._C._set_cuda_free_bits_split(True)
+    yield
+    fastelbo._C._set_cuda_free_bits_split(previous)
 # Same-dtype agreement of two implementations of the same formulas (FMA contraction and libm
 # differences on CUDA, summation order), per compared dtype: (atol, rtol).
 AGREE = {
@@ -552,7 +562,6 @@ def _restoring_switch(setter):
 restore_cluster_switch = _restoring_switch("_set_cuda_clusters")
 restore_one_block_switch = _restoring_switch("_set_cuda_one_block")
 restore_large_blocks_switch = _restoring_switch("_set_cuda_large_blocks")
-restore_free_bits_split_switch = _restoring_switch("_set_cuda_free_bits_split")
 
 
 def _both_ways(setter, outputs):
@@ -687,7 +696,7 @@ FREE_BITS_SPLIT_SHAPES = [(4096, 20), (2**16, 3), (1000, 37)]
 @pytest.mark.parametrize("num_samples", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("shape", FREE_BITS_SPLIT_SHAPES, ids=[f"{b}x{d}" for b, d in FREE_BITS_SPLIT_SHAPES])
-def test_free_bits_split_switch_keeps_the_values(restore_free_bits_split_switch, shape, dtype, num_samples):
+def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
     """FASTELBO_CUDA_FREE_BITS_SPLIT=0 (_set_cuda_free_bits_split(False)) gives each block of
     positions the whole batch again: z, the RNG state and the gradients are the same bits (no
     position's batch mean is within rounding of the floor: mu's scale grows along the positions,

@@ -11,9 +11,10 @@
 // atomics: the same inputs give the same bits on every run, for any interleaving of the blocks.
 //
 // The grid depends only on the problem size (kThreads, kMaxBlocks are constants tuned for the
-// 132-SM H100/H200), never on the device, so the summation order is fixed too. Two process-wide
-// switches (FASTELBO_CUDA_ONE_BLOCK, FASTELBO_CUDA_LARGE_BLOCKS, both on by default; there to time
-// one shape against the other) also choose the shape, so bits are compared under one setting.
+// 132-SM H100/H200), never on the device, so the summation order is fixed too. Three process-wide
+// switches (FASTELBO_CUDA_ONE_BLOCK, FASTELBO_CUDA_LARGE_BLOCKS, FASTELBO_CUDA_FREE_BITS_SPLIT, all
+// on by default; there to time one shape against the other) also choose the shape, so bits are
+// compared under one setting.
 #pragma once
 
 #include <ATen/ATen.h>
