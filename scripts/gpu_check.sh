@@ -15,8 +15,9 @@
 #   bench-large-blocks  the fastelbo provider at ldm-ae-256, (8, 49152, 1024) and large, with the
 #              defaults and then with FASTELBO_CUDA_LARGE_BLOCKS=0: the memory-bound grids past the
 #              small sizes run in blocks of up to 512 threads, then of 128 (A/B of large_block_grid)
-#   free-bits  scripts/free_bits_cuda_step.py: the sample+KL step with free bits, the batch split over
-#              more blocks (default) against FASTELBO_CUDA_FREE_BITS_SPLIT=0 and plain PyTorch
+#   tall-batch scripts/tall_batch_cuda_step.py: tall batches of short samples; the sample+KL step with
+#              free bits, the batch split over more blocks (default) against
+#              FASTELBO_CUDA_FREE_BITS_SPLIT=0 and plain PyTorch; reduction="none" against plain PyTorch
 #   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
 #              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
 #              and x again (A/B of gaussian_recon_loss_finish_grad_)
@@ -233,7 +234,7 @@ ab_bench() {
 }
 ab_bench bench-one-block 60 FASTELBO_CUDA_ONE_BLOCK mnist-mlp 8,12288,256
 ab_bench bench-large-blocks 75 FASTELBO_CUDA_LARGE_BLOCKS ldm-ae-256 8,49152,1024 large
-run_step free-bits 60 "$PYTHON" scripts/free_bits_cuda_step.py
+run_step tall-batch 90 "$PYTHON" scripts/tall_batch_cuda_step.py --reps 10
 
 # shellcheck disable=SC2086
 run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
@@ -281,14 +282,19 @@ def one_dtype(dtype):
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
                     ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
-    # free bits over a tall batch: the batch split over 5 and 2 blocks per tile of positions
+    # tall batches: free bits with the batch split over 5 and 2 blocks per tile of positions, and
+    # "none" with several short samples per warp
     for shape in ((600, 20), (700, 3)):
         mu = torch.randn(shape, device="cuda", dtype=dtype)
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
         for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
             for k in (1, 2):
-                z, kl, rng, pm = ops.reparameterize_kl(m, lv, None, None, k, 3, 0.3)
-                ops.reparameterize_kl_backward(torch.randn_like(z), torch.ones_like(kl), m, lv, None, rng, pm, k, 3, 0.3)
+                for reduction, free_bits in ((3, 0.3), (0, 0.0)):
+                    z, kl, rng, pm = ops.reparameterize_kl(m, lv, None, None, k, reduction, free_bits)
+                    ops.reparameterize_kl_backward(torch.randn_like(z), torch.ones_like(kl), m, lv, None, rng, pm, k,
+                                                   reduction, free_bits)
+        for xh, xv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
+            ops.gaussian_recon_loss(xh, xv, 0, True)
     # (8, 300): one block (float, 16-bit); (8, 3001): a 16-block small grid (a cluster on sm_90);
     # (8, 80001): a big grid (ticket) of large blocks, 512 threads (float32, float64) or 256 (16-bit).
     for size in (300, 3001, 80001):
@@ -412,7 +418,7 @@ fi
     [[ -f "$LOGS/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$LOGS/$tool.log" | tail -n 1)"
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
-  [[ -f "$LOGS/free-bits.log" ]] && sed 's/^/free-bits: /' "$LOGS/free-bits.log" | cut -c 1-200
+  [[ -f "$LOGS/tall-batch.log" ]] && sed 's/^/tall-batch: /' "$LOGS/tall-batch.log" | cut -c 1-200
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
   [[ -f "$LOGS/ncu.log" ]] && grep -E "^  [a-z_]+.*\(|Duration|SM Active Cycles|Registers Per|Achieved Occupancy|Block Size|Grid Size|Warp Cycles Per Issued" \
     "$LOGS/ncu.log" | head -n 120 | sed 's/^/ncu: /'

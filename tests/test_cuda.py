@@ -175,6 +175,10 @@ CASES = [
     ((4096, 20), "batchmean", 0.1, 1),
     ((1000, 37), "sum", 0.4, 2),
     ((20000, 3), "mean", 0.05, 1),
+    # "none" on short samples: several samples per warp (up to 16 windows of 4), then the rows kernel
+    ((20000, 3), "none", 0.0, 1),
+    ((3000, 64), "none", 0.0, 2),
+    ((3000, 65), "none", 0.0, 1),
 ]
 
 
@@ -218,8 +222,9 @@ def test_reparameterize_kl_cuda_matches_cpu(shape, reduction, free_bits, num_sam
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
-@pytest.mark.parametrize("shape", [(128, 784), (8, 3, 17, 19), (3, 300007), (2000, 5), (1, 3)],
-                         ids=["128x784", "8x3x17x19", "3x300007", "2000x5", "1x3"])
+@pytest.mark.parametrize("shape", [(128, 784), (8, 3, 17, 19), (3, 300007), (2000, 5), (1, 3), (4096, 12), (3000, 64),
+                                   (3000, 17)],
+                         ids=["128x784", "8x3x17x19", "3x300007", "2000x5", "1x3", "4096x12", "3000x64", "3000x17"])
 def test_gaussian_recon_cuda_matches_cpu(shape, reduction, dtype, aligned, save_grad_unit):
     x_hat = randn(shape, dtype, "cpu", seed=1)
     x = randn(shape, dtype, "cpu", seed=2)

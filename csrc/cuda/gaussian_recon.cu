@@ -43,6 +43,7 @@ struct ForwardParams {
   bool vec;
   unsigned int slot;
   int64_t tiles_per_row, windows_per_tile;  // rows kernel
+  int row_lanes;                            // short rows kernel: G lanes per sample
 };
 
 // Loss of the E elements at i0 (only the first `count` unless kFull), added to sum in element
@@ -143,6 +144,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     store_segment(sum, p.loss, p.partials, s, b, tiles);
   }
   finish_rows(p.loss, p.partials, p.batch, tiles, p.slot);
+}
+
+// ---- forward: short rows ("none", at most kMaxShortRowWork windows or elements per sample) ------
+// The rows kernel gives each sample a block of at least a warp: a sample of a few windows (or, off
+// the vector path, a few elements) left most of the warp idle, and a tall batch of them ran as
+// many samples one after another per block. Here a group of G lanes (a power of two >= the
+// windows, or the elements, per sample) takes a sample, 128 / G samples per block pass. Each
+// sample's sum has the bits the rows kernel gives it: lane l adds what thread l added there (one
+// window in order, or one element), and the butterfly over the G lanes adds what the warp's
+// butterfly adds (there the lanes past G add zeros, exactly).
+constexpr int64_t kMaxShortRowWork = 16;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    recon_forward_short_rows_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kPack<scalar_t>;
+  const int64_t d = p.per_sample, batch = p.batch;
+  const int lanes = p.row_lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int64_t per_pass = blockDim.x / lanes;
+  // Block-uniform passes: every lane of every warp reaches every shuffle.
+  for (int64_t b0 = blockIdx.x * per_pass; b0 < batch; b0 += gridDim.x * per_pass) {
+    const int64_t b = b0 + threadIdx.x / lanes;
+    acc_t sum = 0;
+    if (b < batch) {
+      const int64_t row = b * d;
+      if (p.vec) {  // d % E == 0, aligned: lane w takes window w
+        const int64_t i0 = row + static_cast<int64_t>(lane) * E;
+        if (static_cast<int64_t>(lane) * E < d) {
+          recon_chunk<true>(p, i0, E, load_pack<true, E>(p.x_hat + i0, E), load_pack<true, E>(p.x + i0, E), sum);
+        }
+      } else {  // d <= lanes: lane l takes element l
+        recon_scalar_range(p, row, row + d, lane, lanes, sum);
+      }
+    }
+    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);  // stays within the aligned group of `lanes`
+    }
+    if (lane == 0 && b < batch) p.loss[b] = sum;
+  }
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -356,12 +398,21 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
     p.scale = scale;
     p.grad_scale = static_cast<acc_t>(scale);
     const bool aligned = all_aligned({p.x_hat, p.x, p.grad_unit}, 16);
-    if (reduction == kNone) {
-      const int64_t d = layout.per_sample;
+    const int64_t d = layout.per_sample;
+    const bool rows_vec = aligned && d % E == 0;
+    const int64_t row_work = rows_vec ? d / E : d;  // the threads of a sample in the rows kernel
+    if (reduction == kNone && row_work <= kMaxShortRowWork) {
+      int lanes = 1;
+      while (lanes < row_work) lanes *= 2;
+      p.row_lanes = lanes;
+      p.vec = rows_vec;
+      const int64_t blocks = std::min<int64_t>(ceil_div(layout.batch, kThreads / lanes), kMaxBlocks);
+      launch_on_grid<recon_forward_short_rows_kernel<scalar_t>>(FlatGrid{blocks, kThreads}, stream, p);
+    } else if (reduction == kNone) {
       const RowsGrid grid = rows_grid(layout.batch, ceil_div(d, E), kRowsUnroll);
       p.windows_per_tile = grid.windows_per_tile;
       p.tiles_per_row = grid.tiles;
-      p.vec = aligned && d % E == 0;
+      p.vec = rows_vec;
       launch_reducing_kernel<recon_forward_rows_kernel<scalar_t>>(
           grid.blocks, grid.threads, grid.tiles > 1 ? grid.blocks : 1 /* 1 tile: no ticket */, false, p,
           x_hat.options(), stream);

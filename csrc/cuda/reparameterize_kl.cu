@@ -6,7 +6,8 @@
 // kernel (per-block partials combined in block order by the last block, or inside one
 // thread-block cluster for small grids on sm_90). Three shapes of it:
 //   flat    "sum" / "mean" / "batchmean": the tensor as one flat run of 4-element chunks;
-//   rows    "none": blocks never straddle two samples, so each per-sample sum has a fixed order;
+//   rows    "none": blocks never straddle two samples, so each per-sample sum has a fixed order
+//           (short samples: a group of lanes per sample, several samples per warp);
 //   columns free_bits > 0: per-position batch sums in a fixed order, the per-position means, and
 //           the floored total sum_j max(kbar_j, lam), all in the one launch.
 // Backward, one launch: reads grad_z, mu and logvar, regenerates eps from the saved (seed,
@@ -63,6 +64,7 @@ struct ForwardParams {
   int64_t windows_per_tile;  // rows kernel
   int col_windows;           // columns kernels: windows per block row (TW)
   int64_t row_splits;        // columns split kernel: S splits of the batch
+  int row_lanes;             // short rows kernel: G lanes per sample
 };
 
 // The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
@@ -240,6 +242,45 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     store_segment(sum, p.kl, p.partials, s, b, tiles);
   }
   finish_rows(p.kl, p.partials, p.batch, tiles, p.slot);
+}
+
+// ---- forward: short rows ("none", samples of at most kMaxShortRowWindows windows) ------------
+// The rows kernel gives each sample a block of at least a warp, one thread per window: a sample of
+// a few windows left most of the warp idle, and a tall batch of them ran as many samples one after
+// another per block ((2^21, 1): 1 thread of 32 working, about 500 samples in a row). Here a group
+// of G lanes (a power of two >= the windows, at most 16) takes a sample, 128 / G samples per block
+// pass. Each sample's sum has the bits the rows kernel gives it: lane w adds window w's 4 values in
+// order, and the butterfly over the G lanes adds what the warp's butterfly adds (there the lanes
+// past G add zeros, exactly).
+constexpr int64_t kMaxShortRowWindows = 16;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    reparam_kl_forward_short_rows_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t d = p.per_sample, batch = p.batch;
+  const int lanes = p.row_lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int64_t per_pass = blockDim.x / lanes;
+  const int64_t j0 = static_cast<int64_t>(lane) * kWindow;
+  const int count = j0 < d ? static_cast<int>(min64(kWindow, d - j0)) : 0;
+  // Block-uniform passes: every lane of every warp reaches every shuffle.
+  for (int64_t b0 = blockIdx.x * per_pass; b0 < batch; b0 += gridDim.x * per_pass) {
+    const int64_t b = b0 + threadIdx.x / lanes;
+    acc_t sum = 0;
+    if (b < batch && count > 0) {
+      acc_t kl[kWindow];
+      sample_window(p, seed, offset, b * d + j0, count, kl);
+#pragma unroll
+      for (int e = 0; e < kWindow; ++e) sum += kl[e];
+    }
+    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);  // stays within the aligned group of `lanes`
+    }
+    if (lane == 0 && b < batch) p.kl[b] = sum;
+  }
 }
 
 // ---- forward: columns (free bits) -----------------------------------------------------------
@@ -581,6 +622,13 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       launch_reducing_kernel<reparam_kl_forward_columns_split_kernel<scalar_t>>(
           grid.blocks, kThreads, d * grid.row_splits, false, p, mu.options(), stream);
     }
+  } else if (reduction == kNone && windows <= kMaxShortRowWindows) {
+    int lanes = 1;
+    while (lanes < windows) lanes *= 2;
+    p.row_lanes = lanes;
+    p.vec = windows_vec;
+    const int64_t blocks = std::min<int64_t>(ceil_div(batch, kThreads / lanes), kMaxBlocks);
+    launch_on_grid<reparam_kl_forward_short_rows_kernel<scalar_t>>(FlatGrid{blocks, kThreads}, stream, p);
   } else if (reduction == kNone) {
     const RowsGrid grid = rows_grid(batch, windows, 1);
     p.windows_per_tile = grid.windows_per_tile;

@@ -1,0 +1,142 @@
+"""Times fastelbo's kernels on tall batches of short samples on a GPU, against fastelbo.reference
+(plain PyTorch) in the same run:
+
+- free bits: the sample+KL step (forward, then backward of z and the floored kl) with the batch
+  split over more blocks (the default), without the split (FASTELBO_CUDA_FREE_BITS_SPLIT=0's
+  setting, switched in the same process), and the reference; shapes from mnist's latent to tall
+  batches of few positions, where the columns kernel alone ran on a couple of blocks. Also the
+  largest relative difference of the floored loss and the per-position means between the two
+  fastelbo settings (a sanity check; tests/test_cuda.py checks the values).
+- reduction="none": the sample+KL step and the reconstruction step (forward, then backward of the
+  per-sample losses), where samples of up to 16 windows now go several to a warp.
+
+Kernel time per step from torch.profiler (fastelbo.bench.profile_kernels) and the host-inclusive
+median step time, in microseconds.
+
+    python scripts/tall_batch_cuda_step.py [--free-bits 0.1] [--steps 3] [--reps 20] [--device cuda]
+
+(--device cpu only smoke-runs the script: no kernel times, and the switch changes nothing there.)
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastelbo
+from fastelbo import reference
+from fastelbo.bench import profile_kernels
+
+FREE_BITS_SHAPES = [(128, 20), (1024, 20), (4096, 20), (65536, 20), (2**20, 4), (2**16, 128), (256, 4096)]
+NONE_SHAPES = [(65536, 20), (2**21, 1), (65536, 64), (4096, 784)]
+
+
+def median_step_us(step, reps, sync):
+    for _ in range(2):
+        step()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter_ns()
+        step()
+        sync()
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return statistics.median(times)
+
+
+def timed(step, args, device, sync):
+    """(kernel us per step, host-inclusive median step us)."""
+    step()
+    kernels = profile_kernels(step, device, steps=args.steps)
+    return kernels["kernel_time_us"] or float("nan"), median_step_us(step, args.reps, sync)
+
+
+def tensors(shape, device, count):
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, device=device, generator=generator) for _ in range(count)]
+
+
+def free_bits_table(args, device, sync):
+    print(f"free bits {args.free_bits}, sample+KL fwd+bwd: kernel us / step us")
+    print(f"{'B':>8} {'D':>5} {'splits':>6}  {'split':>17}  {'unsplit':>17}  {'reference':>17}  {'max rel diff':>12}")
+    for B, D in args.free_bits_shapes:
+        mu, logvar, grad_z = tensors((B, D), device, 3)
+        logvar.mul_(0.5)
+        mu.requires_grad_()
+        logvar.requires_grad_()
+        row, values = {}, {}
+        for name, fn, split in (("split", fastelbo.reparameterize_kl, True),
+                                ("unsplit", fastelbo.reparameterize_kl, False),
+                                ("reference", reference.reparameterize_kl, True)):
+            fastelbo._C._set_cuda_free_bits_split(split)
+
+            def step(fn=fn):
+                mu.grad = logvar.grad = None
+                z, kl = fn(mu, logvar, free_bits=args.free_bits)
+                torch.autograd.backward((z, kl), (grad_z, None))
+
+            if name != "reference":
+                _, kl, _, position_mean = torch.ops.fastelbo.reparameterize_kl(
+                    mu.detach(), logvar.detach(), None, None, 1, 3, args.free_bits)
+                values[name] = torch.cat([kl.reshape(1), position_mean]).double()
+            row[name] = timed(step, args, device, sync)
+        fastelbo._C._set_cuda_free_bits_split(True)
+        diff = ((values["split"] - values["unsplit"]).abs() / values["unsplit"].abs().clamp_min(1e-30)).max()
+        splits = fastelbo._C._cuda_free_bits_grid(B, D)["row_splits"] if device == "cuda" else 0
+        cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n in ("split", "unsplit", "reference"))
+        print(f"{B:>8} {D:>5} {splits:>6}  {cells}  {diff.item():>12.2e}")
+
+
+def none_table(args, device, sync):
+    print('reduction="none", fwd+bwd: kernel us / step us')
+    print(f"{'B':>8} {'D':>5}  {'sample+KL':>17}  {'reference':>17}  {'recon':>17}  {'reference':>17}")
+    for B, D in args.none_shapes:
+        mu, logvar, grad_z, x_hat, x = tensors((B, D), device, 5)
+        logvar.mul_(0.5)
+        for t in (mu, logvar, x_hat):
+            t.requires_grad_()
+        weights = torch.rand(B, device=device)
+        row = {}
+        for name, module in (("fastelbo", fastelbo), ("reference", reference)):
+            def kl_step(module=module):
+                mu.grad = logvar.grad = None
+                z, kl = module.reparameterize_kl(mu, logvar, reduction="none")
+                torch.autograd.backward((z, kl), (grad_z, weights))
+
+            def recon_step(module=module):
+                x_hat.grad = None
+                rec = module.gaussian_recon_loss(x_hat, x, reduction="none")
+                rec.backward(weights)
+
+            row["kl", name] = timed(kl_step, args, device, sync)
+            row["recon", name] = timed(recon_step, args, device, sync)
+        cells = "  ".join(f"{row[k][0]:>8.1f}/{row[k][1]:>8.1f}"
+                          for k in (("kl", "fastelbo"), ("kl", "reference"), ("recon", "fastelbo"), ("recon", "reference")))
+        print(f"{B:>8} {D:>5}  {cells}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--free-bits", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per case")
+    parser.add_argument("--reps", type=int, default=20, help="timed steps per case (host-inclusive median)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--free-bits-shapes", nargs="*", default=FREE_BITS_SHAPES, type=lambda s: tuple(map(int, s.split(","))),
+                        help="B,D pairs")
+    parser.add_argument("--none-shapes", nargs="*", default=NONE_SHAPES, type=lambda s: tuple(map(int, s.split(","))),
+                        help="B,D pairs")
+    args = parser.parse_args()
+    device = args.device
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    card = torch.cuda.get_device_name() if device == "cuda" else "the CPU (smoke run)"
+    print(f"fastelbo on {card}; torch {torch.__version__}")
+    previous = fastelbo._C._set_cuda_free_bits_split(True)
+    try:
+        free_bits_table(args, device, sync)
+        none_table(args, device, sync)
+    finally:
+        fastelbo._C._set_cuda_free_bits_split(previous)
+
+
+if __name__ == "__main__":
+    main()
