@@ -410,10 +410,15 @@ __device__ __forceinline__ acc_t load_partial(const acc_t* p) {
 constexpr int kPartialBatch = static_cast<int>((kMaxBlocks + kThreads - 1) / kThreads);
 
 // Sum of partials[first + j * step] for j = 0, 1, ... while the index is < end, in that order.
-template <typename acc_t>
+// kCompensated: with Kahan's compensated summation, for partials that are many and alike (the
+// free-bits split sums of one position: a running float32 sum of a thousand alike values drops
+// about a thousand half-ulps, all of one sign); an infinite sum keeps no compensation (inf - inf
+// would turn it into NaN).
+template <bool kCompensated = false, typename acc_t>
 __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t first, int64_t end,
                                               int64_t step) {
   acc_t v = 0;
+  [[maybe_unused]] acc_t lost = 0;  // kCompensated: what the rounding of v dropped
   for (int64_t i0 = first; i0 < end; i0 += kPartialBatch * step) {
     acc_t batch[kPartialBatch];
 #pragma unroll
@@ -423,34 +428,14 @@ __device__ __forceinline__ acc_t sum_partials(const acc_t* partials, int64_t fir
     }
 #pragma unroll
     for (int j = 0; j < kPartialBatch; ++j) {
-      if (i0 + j * step < end) v += batch[j];
-    }
-  }
-  return v;
-}
-
-// sum_partials with Kahan's compensated summation, for partials that are many and alike (the
-// free-bits split sums of one position: a running float32 sum of a thousand alike values drops
-// about a thousand half-ulps, all of one sign). Same order; an infinite sum keeps no compensation
-// (inf - inf would turn it into NaN).
-template <typename acc_t>
-__device__ __forceinline__ acc_t sum_partials_compensated(const acc_t* partials, int64_t first, int64_t end,
-                                                          int64_t step) {
-  acc_t v = 0, lost = 0;
-  for (int64_t i0 = first; i0 < end; i0 += kPartialBatch * step) {
-    acc_t batch[kPartialBatch];
-#pragma unroll
-    for (int j = 0; j < kPartialBatch; ++j) {
-      const int64_t i = i0 + j * step;
-      batch[j] = i < end ? load_partial(partials + i) : acc_t(0);
-    }
-#pragma unroll
-    for (int j = 0; j < kPartialBatch; ++j) {
-      if (i0 + j * step < end) {
+      if (i0 + j * step >= end) continue;
+      if constexpr (kCompensated) {
         const acc_t term = batch[j] - lost;
         const acc_t sum = v + term;
         lost = isfinite(sum) ? (sum - v) - term : acc_t(0);
         v = sum;
+      } else {
+        v += batch[j];
       }
     }
   }

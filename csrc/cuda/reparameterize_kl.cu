@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   acc_t floored = 0;
   for (int64_t j_first = 0; j_first < d; j_first += per_pass) {  // the same passes in every thread
     const int64_t j = j_first + threadIdx.x / lanes;
-    acc_t v = j < d ? sum_partials_compensated(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0);
+    acc_t v = j < d ? sum_partials</*kCompensated=*/true>(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0);
     for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
       v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
     }
