@@ -15,9 +15,10 @@
 #   bench-large-blocks  the fastelbo provider at ldm-ae-256, (8, 49152, 1024) and large, with the
 #              defaults and then with FASTELBO_CUDA_LARGE_BLOCKS=0: the memory-bound grids past the
 #              small sizes run in blocks of up to 512 threads, then of 128 (A/B of large_block_grid)
-#   tall-batch scripts/tall_batch_cuda_step.py: tall batches of short samples; the sample+KL step with
-#              free bits, the batch split over more blocks (default) against
-#              FASTELBO_CUDA_FREE_BITS_SPLIT=0 and plain PyTorch; reduction="none" against plain PyTorch
+#   shapes     scripts/cuda_shapes_step.py: tall batches of short samples and many draws; the sample+KL
+#              step with free bits, the batch split over more blocks (default) against
+#              FASTELBO_CUDA_FREE_BITS_SPLIT=0 and plain PyTorch; reduction="none" and num_samples up
+#              to 50 against plain PyTorch
 #   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
 #              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
 #              and x again (A/B of gaussian_recon_loss_finish_grad_)
@@ -234,7 +235,7 @@ ab_bench() {
 }
 ab_bench bench-one-block 60 FASTELBO_CUDA_ONE_BLOCK mnist-mlp 8,12288,256
 ab_bench bench-large-blocks 75 FASTELBO_CUDA_LARGE_BLOCKS ldm-ae-256 8,49152,1024 large
-run_step tall-batch 90 "$PYTHON" scripts/tall_batch_cuda_step.py --reps 10
+run_step shapes 90 "$PYTHON" scripts/cuda_shapes_step.py --reps 10
 
 # shellcheck disable=SC2086
 run_step bench-plain-backward 60 env FASTELBO_GRAD_IN_FORWARD=0 "$PYTHON" -m fastelbo bench --devices cuda \
@@ -418,7 +419,7 @@ fi
     [[ -f "$LOGS/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY' "$LOGS/$tool.log" | tail -n 1)"
   done
   [[ -f "$LOGS/abi-probe.log" ]] && sed 's/^/abi-probe: /' "$LOGS/abi-probe.log"
-  [[ -f "$LOGS/tall-batch.log" ]] && sed 's/^/tall-batch: /' "$LOGS/tall-batch.log" | cut -c 1-200
+  [[ -f "$LOGS/shapes.log" ]] && sed 's/^/shapes: /' "$LOGS/shapes.log" | cut -c 1-200
   [[ -f "$LOGS/bench-compile.log" ]] && grep -E "^cuda " "$LOGS/bench-compile.log" | sed 's/^/bench-compile: /'
   [[ -f "$LOGS/ncu.log" ]] && grep -E "^  [a-z_]+.*\(|Duration|SM Active Cycles|Registers Per|Achieved Occupancy|Block Size|Grid Size|Warp Cycles Per Issued" \
     "$LOGS/ncu.log" | head -n 120 | sed 's/^/ncu: /'

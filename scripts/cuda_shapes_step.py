@@ -1,5 +1,6 @@
-"""Times fastelbo's kernels on tall batches of short samples on a GPU, against fastelbo.reference
-(plain PyTorch) in the same run:
+"""Times fastelbo's kernels on a GPU at shapes where a kernel's parallelism, not bytes, may decide:
+tall batches of short samples and many draws, against fastelbo.reference (plain PyTorch) in the
+same run:
 
 - free bits: the sample+KL step (forward, then backward of z and the floored kl) with the batch
   split over more blocks (the default), without the split (FASTELBO_CUDA_FREE_BITS_SPLIT=0's
@@ -9,11 +10,15 @@
   fastelbo settings (a sanity check; tests/test_cuda.py checks the values).
 - reduction="none": the sample+KL step and the reconstruction step (forward, then backward of the
   per-sample losses), where samples of up to 16 windows now go several to a warp.
+- num_samples K > 1 (IWAE-style draws) on small latents: the sample+KL step. Each thread of the
+  sample+KL kernels draws its elements' K normals one draw after another (and the backward
+  regenerates them so), so a small latent with many draws is one long chain per thread; this
+  table shows how long.
 
 Kernel time per step from torch.profiler (fastelbo.bench.profile_kernels) and the host-inclusive
 median step time, in microseconds.
 
-    python scripts/tall_batch_cuda_step.py [--free-bits 0.1] [--steps 3] [--reps 20] [--device cuda]
+    python scripts/cuda_shapes_step.py [--free-bits 0.1] [--steps 3] [--reps 20] [--device cuda]
 
 (--device cpu only smoke-runs the script: no kernel times, and the switch changes nothing there.)
 """
@@ -29,6 +34,7 @@ from fastelbo.bench import profile_kernels
 
 FREE_BITS_SHAPES = [(128, 20), (1024, 20), (4096, 20), (65536, 20), (2**20, 4), (2**16, 128), (256, 4096)]
 NONE_SHAPES = [(65536, 20), (2**21, 1), (65536, 64), (4096, 784)]
+DRAWS = [(128, 20, 1), (128, 20, 8), (128, 20, 50), (128, 64, 50), (1024, 64, 50)]
 
 
 def median_step_us(step, reps, sync):
@@ -115,6 +121,27 @@ def none_table(args, device, sync):
         print(f"{B:>8} {D:>5}  {cells}")
 
 
+def draws_table(args, device, sync):
+    print("num_samples K, sample+KL fwd+bwd (batchmean): kernel us / step us")
+    print(f"{'B':>8} {'D':>5} {'K':>4}  {'fastelbo':>17}  {'reference':>17}")
+    for B, D, K in args.draws:
+        mu, logvar = tensors((B, D), device, 2)
+        logvar.mul_(0.5)
+        mu.requires_grad_()
+        logvar.requires_grad_()
+        grad_z = tensors((K, B, D) if K > 1 else (B, D), device, 1)[0]
+        row = {}
+        for name, module in (("fastelbo", fastelbo), ("reference", reference)):
+            def step(module=module):
+                mu.grad = logvar.grad = None
+                z, kl = module.reparameterize_kl(mu, logvar, num_samples=K)
+                torch.autograd.backward((z, kl), (grad_z, None))
+
+            row[name] = timed(step, args, device, sync)
+        cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n in ("fastelbo", "reference"))
+        print(f"{B:>8} {D:>5} {K:>4}  {cells}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--free-bits", type=float, default=0.1)
@@ -125,6 +152,8 @@ def main():
                         help="B,D pairs")
     parser.add_argument("--none-shapes", nargs="*", default=NONE_SHAPES, type=lambda s: tuple(map(int, s.split(","))),
                         help="B,D pairs")
+    parser.add_argument("--draws", nargs="*", default=DRAWS, type=lambda s: tuple(map(int, s.split(","))),
+                        help="B,D,K triples")
     args = parser.parse_args()
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -134,6 +163,7 @@ def main():
     try:
         free_bits_table(args, device, sync)
         none_table(args, device, sync)
+        draws_table(args, device, sync)
     finally:
         fastelbo._C._set_cuda_free_bits_split(previous)
 
