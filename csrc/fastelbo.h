@@ -126,13 +126,16 @@ bool set_cuda_one_block_enabled(bool enabled);
 // the other. set_cuda_large_blocks_enabled returns the previous setting.
 bool cuda_large_blocks_enabled();
 bool set_cuda_large_blocks_enabled(bool enabled);
-// Whether the CUDA free-bits forward splits a tall batch over more blocks (the columns split
-// kernel, csrc/cuda/reparameterize_kl.cu, free_bits_grid) instead of giving each block of
-// positions the whole batch. On unless FASTELBO_CUDA_FREE_BITS_SPLIT=0 is in the environment
-// when first asked. It changes the summation order of the per-position sums; it is there to time
-// one shape against the other. set_cuda_free_bits_split_enabled returns the previous setting.
-bool cuda_free_bits_split_enabled();
-bool set_cuda_free_bits_split_enabled(bool enabled);
+// Whether CUDA problems that give few threads work are spread over more
+// (csrc/cuda/reparameterize_kl.cu, csrc/cuda/gaussian_recon.cu): free bits over a tall batch (the
+// batch split over more blocks, free_bits_grid), reduction "none" on short samples (several per
+// warp, the same bits), num_samples > 1 on a small latent (the draws over lanes, draw_lanes). Off,
+// each runs in its kernel's plain shape. On unless FASTELBO_CUDA_SPREAD=0 is in the environment
+// when first asked. It changes the summation order of free bits' per-position sums and of the
+// many-draw gradients; it is there to time one shape against the other.
+// set_cuda_spread_enabled returns the previous setting.
+bool cuda_spread_enabled();
+bool set_cuda_spread_enabled(bool enabled);
 
 #ifdef FASTELBO_WITH_CUDA
 namespace cuda {
@@ -150,6 +153,9 @@ struct FreeBitsGrid {
   int64_t blocks = 1;
 };
 FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample);
+// The sample+KL kernels' lanes per chunk for num_samples draws of numel latent elements, as a
+// power of two (the shift; 0: one lane, the plain kernels); host-only, like free_bits_grid.
+int draw_lanes_shift(int64_t numel, int64_t num_samples);
 }  // namespace cuda
 #endif
 

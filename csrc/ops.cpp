@@ -63,8 +63,8 @@ std::atomic<bool>& cuda_large_blocks_flag() {
   return flag;
 }
 
-std::atomic<bool>& cuda_free_bits_split_flag() {
-  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_FREE_BITS_SPLIT")};
+std::atomic<bool>& cuda_spread_flag() {
+  static std::atomic<bool> flag{enabled_unless_zero("FASTELBO_CUDA_SPREAD")};
   return flag;
 }
 
@@ -82,9 +82,9 @@ bool cuda_large_blocks_enabled() { return cuda_large_blocks_flag().load(std::mem
 
 bool set_cuda_large_blocks_enabled(bool enabled) { return cuda_large_blocks_flag().exchange(enabled); }
 
-bool cuda_free_bits_split_enabled() { return cuda_free_bits_split_flag().load(std::memory_order_relaxed); }
+bool cuda_spread_enabled() { return cuda_spread_flag().load(std::memory_order_relaxed); }
 
-bool set_cuda_free_bits_split_enabled(bool enabled) { return cuda_free_bits_split_flag().exchange(enabled); }
+bool set_cuda_spread_enabled(bool enabled) { return cuda_spread_flag().exchange(enabled); }
 
 namespace {
 
@@ -435,12 +435,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   "the memory-bound CUDA grids past the small sizes run in blocks of up to 512 threads",
                   "in blocks of 128 (False; another summation order for the forward reductions, so losses "
                   "may differ in the last bits: for timing one shape against the other)");
-  def_cuda_switch("cuda_free_bits_split", &fastelbo::cuda_free_bits_split_enabled,
-                  &fastelbo::set_cuda_free_bits_split_enabled, "FASTELBO_CUDA_FREE_BITS_SPLIT",
-                  "the CUDA free-bits forward splits a tall batch over more blocks",
-                  "gives each block of positions the whole batch (False; another summation order, so the "
-                  "loss and the per-position means may differ in the last bits: for timing one shape against "
-                  "the other)");
+  def_cuda_switch("cuda_spread", &fastelbo::cuda_spread_enabled,
+                  &fastelbo::set_cuda_spread_enabled, "FASTELBO_CUDA_SPREAD",
+                  "CUDA problems that give few threads work are spread over more (free bits over a tall "
+                  "batch, reduction 'none' on short samples, num_samples > 1 on a small latent)",
+                  "run in the kernels' plain shapes (False; another summation order for free bits' sums and "
+                  "the many-draw gradients, so these may differ in the last bits: for timing one shape "
+                  "against the other)");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(
@@ -463,6 +464,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                               {"blocks", grid.blocks}};
       },
       "The launch shape of the CUDA free-bits forward for B samples of D positions (no GPU needed).");
+  m.def(
+      "_cuda_draw_lanes",
+      [](int64_t numel, int64_t num_samples) {
+        TORCH_CHECK_VALUE(numel >= 1 && num_samples >= 1, "_cuda_draw_lanes takes numel >= 1 and num_samples >= 1");
+        return int64_t{1} << fastelbo::cuda::draw_lanes_shift(numel, num_samples);
+      },
+      "Lanes per 4-element chunk of the CUDA sample+KL kernels for num_samples draws of numel latent "
+      "elements (1: one thread draws them all; no GPU needed).");
 #else
   m.attr("built_with_cuda") = false;
 #endif

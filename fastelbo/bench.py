@@ -787,9 +787,9 @@ def source_digest(root):
 # The CUDA kernels' A/B switches (csrc/fastelbo.h; README): each on unless FASTELBO_<NAME>=0 (e.g.
 # FASTELBO_CUDA_CLUSTERS=0), read through fastelbo._C._<name>_enabled() and recorded in the JSON
 # as fastelbo_<name>: thread-block cluster reductions of small grids on sm_90, one block for the
-# smallest reductions, blocks of up to 512 threads for the memory-bound grids, the free-bits
-# forward's batch split over more blocks.
-CUDA_SWITCHES = ("cuda_clusters", "cuda_one_block", "cuda_large_blocks", "cuda_free_bits_split")
+# smallest reductions, blocks of up to 512 threads for the memory-bound grids, problems that give
+# few threads work spread over more (tall batches, many draws).
+CUDA_SWITCHES = ("cuda_clusters", "cuda_one_block", "cuda_large_blocks", "cuda_spread")
 
 
 def machine_info():

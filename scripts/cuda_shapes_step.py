@@ -3,7 +3,7 @@ tall batches of short samples and many draws, against fastelbo.reference (plain 
 same run:
 
 - free bits: the sample+KL step (forward, then backward of z and the floored kl) with the batch
-  split over more blocks (the default), without the split (FASTELBO_CUDA_FREE_BITS_SPLIT=0's
+  split over more blocks (the default), without the split (FASTELBO_CUDA_SPREAD=0's
   setting, switched in the same process), and the reference; shapes from mnist's latent to tall
   batches of few positions, where the columns kernel alone ran on a couple of blocks. Also the
   largest relative difference of the floored loss and the per-position means between the two
@@ -74,7 +74,7 @@ def free_bits_table(args, device, sync):
         for name, fn, split in (("split", fastelbo.reparameterize_kl, True),
                                 ("unsplit", fastelbo.reparameterize_kl, False),
                                 ("reference", reference.reparameterize_kl, True)):
-            fastelbo._C._set_cuda_free_bits_split(split)
+            fastelbo._C._set_cuda_spread(split)
 
             def step(fn=fn):
                 mu.grad = logvar.grad = None
@@ -86,7 +86,7 @@ def free_bits_table(args, device, sync):
                     mu.detach(), logvar.detach(), None, None, 1, 3, args.free_bits)
                 values[name] = torch.cat([kl.reshape(1), position_mean]).double()
             row[name] = timed(step, args, device, sync)
-        fastelbo._C._set_cuda_free_bits_split(True)
+        fastelbo._C._set_cuda_spread(True)
         diff = ((values["split"] - values["unsplit"]).abs() / values["unsplit"].abs().clamp_min(1e-30)).max()
         splits = fastelbo._C._cuda_free_bits_grid(B, D)["row_splits"] if device == "cuda" else 0
         cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n in ("split", "unsplit", "reference"))
@@ -159,13 +159,13 @@ def main():
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     card = torch.cuda.get_device_name() if device == "cuda" else "the CPU (smoke run)"
     print(f"fastelbo on {card}; torch {torch.__version__}")
-    previous = fastelbo._C._set_cuda_free_bits_split(True)
+    previous = fastelbo._C._set_cuda_spread(True)
     try:
         free_bits_table(args, device, sync)
         none_table(args, device, sync)
         draws_table(args, device, sync)
     finally:
-        fastelbo._C._set_cuda_free_bits_split(previous)
+        fastelbo._C._set_cuda_spread(previous)
 
 
 if __name__ == "__main__":

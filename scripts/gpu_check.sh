@@ -17,7 +17,7 @@
 #              small sizes run in blocks of up to 512 threads, then of 128 (A/B of large_block_grid)
 #   shapes     scripts/cuda_shapes_step.py: tall batches of short samples and many draws; the sample+KL
 #              step with free bits, the batch split over more blocks (default) against
-#              FASTELBO_CUDA_FREE_BITS_SPLIT=0 and plain PyTorch; reduction="none" and num_samples up
+#              FASTELBO_CUDA_SPREAD=0 and plain PyTorch; reduction="none" and num_samples up
 #              to 50 against plain PyTorch
 #   bench-plain-backward  the fastelbo provider again at every size with FASTELBO_GRAD_IN_FORWARD=0:
 #              the recon forward does not prepare the x_hat gradient and the backward reads x_hat
@@ -278,7 +278,7 @@ def one_dtype(dtype):
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
         for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
             for reduction, free_bits in ((0, 0.0), (1, 0.0), (3, 0.3)):
-                for k in (1, 2):
+                for k in (1, 2, 7):  # several draws: over 2 and 4 lanes on the small latents
                     z, kl, rng, pm = ops.reparameterize_kl(m, lv, None, None, k, reduction, free_bits)
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
@@ -296,6 +296,10 @@ def one_dtype(dtype):
                                                    reduction, free_bits)
         for xh, xv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
             ops.gaussian_recon_loss(xh, xv, 0, True)
+    # many draws on a small latent: 32 lanes per chunk
+    mu = torch.randn(64, 20, device="cuda", dtype=dtype)
+    z, kl, rng, pm = ops.reparameterize_kl(mu, 0.5 * mu, None, None, 50, 3, 0.0)
+    ops.reparameterize_kl_backward(torch.randn_like(z), torch.ones_like(kl), mu, 0.5 * mu, None, rng, pm, 50, 3, 0.0)
     # (8, 300): one block (float, 16-bit); (8, 3001): a 16-block small grid (a cluster on sm_90);
     # (8, 80001): a big grid (ticket) of large blocks, 512 threads (float32, float64) or 256 (16-bit).
     for size in (300, 3001, 80001):

@@ -23,7 +23,7 @@ ROW_FIELDS = {
 }
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "cuda", "gpu", "cpu_model", "torch_threads", "python",
                   "fastelbo_cuda_clusters", "fastelbo_cuda_one_block", "fastelbo_cuda_large_blocks",
-                  "fastelbo_cuda_free_bits_split",
+                  "fastelbo_cuda_spread",
                   "fastelbo_grad_in_forward", "fastelbo_cpu_vector_paths", "fastelbo_source_digest"}
 
 

@@ -41,13 +41,13 @@ RED = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
 
 
 @pytest.fixture(autouse=True)
-def free_bits_split_on():
+def spread_on():
     """The tall free-bits cases below are there to run the split kernel: the split is on (its
-    default) whatever FASTELBO_CUDA_FREE_BITS_SPLIT says; test_free_bits_split_switch_keeps_the_values
+    default) whatever FASTELBO_CUDA_SPREAD says; test_free_bits_split_switch_keeps_the_values
     covers the other setting."""
-    previous = fastelbo._C._set_cuda_free_bits_split(True)
+    previous = fastelbo._C._set_cuda_spread(True)
     yield
-    fastelbo._C._set_cuda_free_bits_split(previous)
+    fastelbo._C._set_cuda_spread(previous)
 # Same-dtype agreement of two implementations of the same formulas (FMA contraction and libm
 # differences on CUDA, summation order), per compared dtype: (atol, rtol).
 AGREE = {
@@ -179,7 +179,18 @@ CASES = [
     ((20000, 3), "none", 0.0, 1),
     ((3000, 64), "none", 0.0, 2),
     ((3000, 65), "none", 0.0, 1),
+    # many draws on a small latent: the draws over lanes (32 lanes, 4 with a ragged last chunk)
+    ((128, 20), "batchmean", 0.0, 50),
+    ((33, 29), "sum", 0.0, 7),
 ]
+
+
+def test_many_draw_cases_take_the_draws_over_lanes():
+    """Some of the cases above spread their draws over lanes (forward and backward), so
+    test_reparameterize_kl_cuda_matches_cpu checks the draws kernels against the CPU."""
+    lanes = {(shape, k): fastelbo._C._cuda_draw_lanes(shape[0] * shape[1], k)
+             for shape, reduction, free_bits, k in CASES if reduction != "none" and free_bits == 0}
+    assert max(lanes.values()) == 32 and any(1 < v < 32 for v in lanes.values()), lanes
 
 
 def test_free_bits_cases_take_both_columns_kernels():
@@ -268,16 +279,18 @@ def test_per_sample_sums_over_many_tiles(shape):
     assert_agree(results["cuda"][0], results["cpu"][0], "kl")
     assert_agree(results["cuda"][1], results["cpu"][1], "recon")
 
-def test_stride_zero_incoming_gradients():
+@pytest.mark.parametrize("num_samples", [1, 8])
+def test_stride_zero_incoming_gradients(num_samples):
     """z.sum() and kl.sum() hand the backward stride-0 (expanded) gradients; they are read in
-    place (no copy kernel) and must give what dense gradients give."""
-    mu, logvar, eps = (randn((6, 33), seed=s).requires_grad_(s < 2) for s in range(3))
+    place (no copy kernel) and must give what dense gradients give (8 draws: over lanes)."""
+    mu, logvar = (randn((6, 33), seed=s).requires_grad_() for s in range(2))
+    eps = randn((num_samples, 6, 33) if num_samples > 1 else (6, 33), seed=2)
     x_hat, x = randn((6, 50), seed=5).requires_grad_(), randn((6, 50), seed=6)
-    z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="none")
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="none", num_samples=num_samples)
     rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction="none")
     (z.sum() + kl.sum() + rec.sum()).backward()
     mu2, logvar2, x_hat2 = (t.detach().clone().requires_grad_() for t in (mu, logvar, x_hat))
-    z2, kl2 = fastelbo.reparameterize_kl(mu2, logvar2, eps=eps, reduction="none")
+    z2, kl2 = fastelbo.reparameterize_kl(mu2, logvar2, eps=eps, reduction="none", num_samples=num_samples)
     rec2 = fastelbo.gaussian_recon_loss(x_hat2, x, reduction="none")
     torch.autograd.backward((z2, kl2, rec2), (torch.ones_like(z2), torch.ones_like(kl2), torch.ones_like(rec2)))
     for a, b in ((mu.grad, mu2.grad), (logvar.grad, logvar2.grad), (x_hat.grad, x_hat2.grad)):
@@ -702,7 +715,7 @@ FREE_BITS_SPLIT_SHAPES = [(4096, 20), (2**16, 3), (1000, 37)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("shape", FREE_BITS_SPLIT_SHAPES, ids=[f"{b}x{d}" for b, d in FREE_BITS_SPLIT_SHAPES])
 def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
-    """FASTELBO_CUDA_FREE_BITS_SPLIT=0 (_set_cuda_free_bits_split(False)) gives each block of
+    """FASTELBO_CUDA_SPREAD=0 (_set_cuda_spread(False)) gives each block of
     positions the whole batch again: z, the RNG state and the gradients are the same bits (no
     position's batch mean is within rounding of the floor: mu's scale grows along the positions,
     so some are floored and some not), and both ways' per-position means and floored loss agree
@@ -723,7 +736,7 @@ def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
                                                  free_bits)
         return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, grad_mu=gm, grad_logvar=glv)
 
-    results = _both_ways("_set_cuda_free_bits_split", outputs)
+    results = _both_ways("_set_cuda_spread", outputs)
     for name in ("z", "rng_state", "grad_mu", "grad_logvar"):
         assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the split off"
     mu64, logvar64 = mu.double(), logvar.double()
@@ -737,6 +750,46 @@ def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
         torch.testing.assert_close(r["kl_position_mean"].double(), want_mean, rtol=tol, atol=tol,
                                    msg=lambda m: f"kl_position_mean, split {on}: {m}")
         torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=lambda m: f"kl, split {on}: {m}")
+
+
+# (latent shape, draws) that spread their draws over lanes: 32 lanes of ~2 draws, 8 lanes of 2,
+# 2 lanes at 3 draws (one lane takes two, the other one).
+DRAW_LANE_CASES = [((128, 20), 50), ((1024, 64), 16), ((7, 13), 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shape,num_samples", DRAW_LANE_CASES, ids=[f"{s[0]}x{s[1]}-K{k}" for s, k in DRAW_LANE_CASES])
+def test_spread_switch_keeps_the_draws(shape, num_samples, dtype):
+    """FASTELBO_CUDA_SPREAD=0 (_set_cuda_spread(False)) gives each thread its chunk's draws one
+    after another again: z and the RNG state are the same bits (the same draws), the KL agrees with
+    float64 math, and the gradients (their K terms now added in another order) agree with each
+    other and with the CPU's."""
+    assert fastelbo._C._cuda_draw_lanes(shape[0] * shape[1], num_samples) > 1
+    mu, logvar = randn(shape, dtype, seed=1), randn(shape, dtype, seed=2, scale=0.6)
+    grad_z = randn((num_samples, *shape), dtype, seed=5)
+    grad_kl = torch.tensor(1.7, device="cuda")
+    code = RED["batchmean"]
+
+    def outputs():
+        torch.manual_seed(13)
+        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, 0.0)
+        gm, glv = ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng, pm, num_samples, code, 0.0)
+        return dict(z=z, kl=kl, rng_state=rng, grad_mu=gm, grad_logvar=glv)
+
+    results = _both_ways("_set_cuda_spread", outputs)
+    for name in ("z", "rng_state"):
+        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the spread off"
+    unused_eps = torch.zeros((num_samples, *shape), dtype=torch.float64, device="cuda")
+    want_kl = reference.reparameterize_kl(mu.double(), logvar.double(), eps=unused_eps, num_samples=num_samples)[1]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    # The CPU regenerates the same draws from the same (seed, offset).
+    rng = results[True]["rng_state"].cpu()
+    cpu_grads = ops.reparameterize_kl_backward(grad_z.cpu(), grad_kl.cpu(), mu.cpu(), logvar.cpu(), None, rng,
+                                               torch.empty(0), num_samples, code, 0.0)
+    for on, r in results.items():
+        torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=lambda m: f"kl, spread {on}: {m}")
+        assert_agree(r["grad_mu"], cpu_grads[0], f"grad_mu, spread {on}")
+        assert_agree(r["grad_logvar"], cpu_grads[1], f"grad_logvar, spread {on}")
 
 
 def test_cluster_reduction_in_a_cuda_graph(restore_cluster_switch):

@@ -1,7 +1,8 @@
-"""The launch shape of the CUDA free-bits forward (csrc/cuda/reparameterize_kl.cu, free_bits_grid),
-computed on the host: checked on any machine whose build has the CUDA kernels, GPU or not. The
-kernels themselves are checked on a GPU (tests/test_cuda.py: values against the CPU, both
-settings of the split switch, poisoned outputs, bits over runs).
+"""Launch shapes of CUDA kernels that spread small problems over more threads
+(csrc/cuda/reparameterize_kl.cu: free_bits_grid, draw_lanes_shift), computed on the host: checked
+on any machine whose build has the CUDA kernels, GPU or not. The kernels themselves are checked on
+a GPU (tests/test_cuda.py: values against the CPU, both settings of the spread switch, poisoned
+outputs, bits over runs).
 
 The columns kernel gives each block a tile of positions and the whole batch, a lane of the block
 adding every 128 / TW-th sample one after another. A tall batch of few positions then ran on a
@@ -27,10 +28,10 @@ SHAPES = [(B, D) for B in (1, 2, 31, 128, 129, 1000, 4096, 65536, 2**22)
 
 
 @pytest.fixture
-def split_switch_on():
-    previous = fastelbo._C._set_cuda_free_bits_split(True)
+def spread_switch_on():
+    previous = fastelbo._C._set_cuda_spread(True)
     yield
-    fastelbo._C._set_cuda_free_bits_split(previous)
+    fastelbo._C._set_cuda_spread(previous)
 
 
 def lanes_and_rows(grid, batch):
@@ -40,7 +41,7 @@ def lanes_and_rows(grid, batch):
 
 
 @pytest.mark.parametrize("batch,per_sample", SHAPES, ids=[f"{b}x{d}" for b, d in SHAPES])
-def test_free_bits_grid_covers_every_position_and_sample(split_switch_on, batch, per_sample):
+def test_free_bits_grid_covers_every_position_and_sample(spread_switch_on, batch, per_sample):
     """The tiles cover the positions with no empty tile, the grid fits one wave, and every split
     of the batch has samples (split r's lanes start at sample r * lanes)."""
     grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
@@ -58,7 +59,7 @@ def test_free_bits_grid_covers_every_position_and_sample(split_switch_on, batch,
 
 
 @pytest.mark.parametrize("batch,per_sample", [(65536, 20), (2**22, 1), (2**20, 4), (4096, 20), (1000, 37)])
-def test_tall_batches_are_split(split_switch_on, batch, per_sample):
+def test_tall_batches_are_split(spread_switch_on, batch, per_sample):
     """A tall batch of few positions gets many blocks, each lane adding a few dozen samples at most
     (unsplit: (65536, 20) on 2 blocks, 2048 samples per lane; (2^22, 1) on 1 block, 32768)."""
     grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
@@ -70,23 +71,23 @@ def test_tall_batches_are_split(split_switch_on, batch, per_sample):
 
 
 @pytest.mark.parametrize("batch,per_sample", [(128, 20), (64, 4096), (8, 196608), (1, 1), (128, 1000)])
-def test_small_batches_keep_one_pass(split_switch_on, batch, per_sample):
+def test_small_batches_keep_one_pass(spread_switch_on, batch, per_sample):
     """Where each lane adds at most 4 samples anyway (mnist's (128, 20): 32 lanes), or the positions
     alone fill the grid, the columns kernel runs as before: no split, no second pass."""
     grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
     assert grid["row_splits"] == 1, grid
 
 
-def test_split_switch_turns_the_split_off(split_switch_on):
-    """FASTELBO_CUDA_FREE_BITS_SPLIT=0 (_set_cuda_free_bits_split(False)): every shape runs as the
+def test_split_switch_turns_the_split_off(spread_switch_on):
+    """FASTELBO_CUDA_SPREAD=0 (_set_cuda_spread(False)): every shape runs as the
     columns kernel alone, with the same tiles."""
     for batch, per_sample in SHAPES:
         on = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
-        fastelbo._C._set_cuda_free_bits_split(False)
+        fastelbo._C._set_cuda_spread(False)
         try:
             off = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
         finally:
-            fastelbo._C._set_cuda_free_bits_split(True)
+            fastelbo._C._set_cuda_spread(True)
         assert off["row_splits"] == 1 and off["col_windows"] == on["col_windows"], (batch, per_sample, off)
         assert off["blocks"] == min(off["col_tiles"], MAX_BLOCKS), off
 
@@ -94,3 +95,42 @@ def test_split_switch_turns_the_split_off(split_switch_on):
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="B >= 1 and D >= 1"):
         fastelbo._C._cuda_free_bits_grid(0, 20)
+
+
+# ---- the sample+KL kernels' draws over lanes (num_samples > 1) ----------------------------------
+
+WAVE_THREADS = MAX_BLOCKS * THREADS  # one wave of 128-thread blocks
+
+
+@pytest.mark.parametrize("numel", [1, 4, 2560, 8192, 65536, 2**17, 2**20])
+@pytest.mark.parametrize("num_samples", [1, 2, 3, 8, 50, 1000])
+def test_draw_lanes_stay_within_the_draws_and_one_wave(spread_switch_on, numel, num_samples):
+    """A power of two, at most the draws and a warp, and the chunks times the lanes within one
+    wave; one lane for a single draw."""
+    lanes = fastelbo._C._cuda_draw_lanes(numel, num_samples)
+    chunks = math.ceil(numel / 4)
+    assert lanes in (1, 2, 4, 8, 16, 32), lanes
+    assert lanes <= num_samples and (lanes == 1 or chunks * lanes <= WAVE_THREADS), lanes
+    if num_samples == 1:
+        assert lanes == 1
+
+
+def test_small_latents_spread_many_draws(spread_switch_on):
+    """mnist's latent (128 x 20 = 640 chunks) with 50 draws gets 32 lanes per chunk (about 2 draws
+    each, not 50 in a row); a latent that fills a wave by itself keeps one lane."""
+    assert fastelbo._C._cuda_draw_lanes(128 * 20, 50) == 32
+    assert fastelbo._C._cuda_draw_lanes(128 * 20, 3) == 2
+    assert fastelbo._C._cuda_draw_lanes(4 * WAVE_THREADS, 50) == 1
+
+
+def test_spread_switch_turns_the_draw_lanes_off(spread_switch_on):
+    fastelbo._C._set_cuda_spread(False)
+    try:
+        assert fastelbo._C._cuda_draw_lanes(128 * 20, 50) == 1
+    finally:
+        fastelbo._C._set_cuda_spread(True)
+
+
+def test_bad_draw_lane_arguments_are_refused():
+    with pytest.raises(ValueError, match="num_samples >= 1"):
+        fastelbo._C._cuda_draw_lanes(10, 0)

@@ -528,12 +528,13 @@ def test_cpu_buffer_cache_reuses_and_empties():
     assert _C._cpu_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("name", ["cuda_clusters", "cuda_one_block", "cuda_large_blocks", "cuda_free_bits_split"])
+@pytest.mark.parametrize("name", ["cuda_clusters", "cuda_one_block", "cuda_large_blocks", "cuda_spread"])
 def test_cuda_switches_read_the_environment(name):
     """FASTELBO_CUDA_CLUSTERS=0 turns the CUDA small-grid cluster reduction off, and
     FASTELBO_CUDA_ONE_BLOCK=0 the one-block shape of the smallest reductions, and
     FASTELBO_CUDA_LARGE_BLOCKS=0 the large blocks of the memory-bound grids, and
-    FASTELBO_CUDA_FREE_BITS_SPLIT=0 the free-bits forward's batch split; anything else (or
+    FASTELBO_CUDA_SPREAD=0 the spreading of tall-batch and many-draw problems over more threads;
+    anything else (or
     nothing) leaves them on, and the setters return the previous setting. Any build, any machine:
     the switches are read on the host (tests/test_cuda.py checks both settings on a GPU)."""
     import os

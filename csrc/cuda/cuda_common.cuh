@@ -12,7 +12,7 @@
 //
 // The grid depends only on the problem size (kThreads, kMaxBlocks are constants tuned for the
 // 132-SM H100/H200), never on the device, so the summation order is fixed too. Three process-wide
-// switches (FASTELBO_CUDA_ONE_BLOCK, FASTELBO_CUDA_LARGE_BLOCKS, FASTELBO_CUDA_FREE_BITS_SPLIT, all
+// switches (FASTELBO_CUDA_ONE_BLOCK, FASTELBO_CUDA_LARGE_BLOCKS, FASTELBO_CUDA_SPREAD, all
 // on by default; there to time one shape against the other) also choose the shape, so bits are
 // compared under one setting.
 #pragma once

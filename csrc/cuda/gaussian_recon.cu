@@ -401,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_recon_loss_cuda(const at::Tensor& x_
     const int64_t d = layout.per_sample;
     const bool rows_vec = aligned && d % E == 0;
     const int64_t row_work = rows_vec ? d / E : d;  // the threads of a sample in the rows kernel
-    if (reduction == kNone && row_work <= kMaxShortRowWork) {
+    if (reduction == kNone && row_work <= kMaxShortRowWork && cuda_spread_enabled()) {
       int lanes = 1;
       while (lanes < row_work) lanes *= 2;
       p.row_lanes = lanes;

@@ -65,6 +65,7 @@ struct ForwardParams {
   int col_windows;           // columns kernels: windows per block row (TW)
   int64_t row_splits;        // columns split kernel: S splits of the batch
   int row_lanes;             // short rows kernel: G lanes per sample
+  int draw_lanes_shift;      // draws kernels: 2^shift lanes per chunk
 };
 
 // The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
@@ -119,11 +120,13 @@ __device__ __forceinline__ void for_each_eps_group(const scalar_t* eps, int64_t 
   }
 }
 
-// Writes z for the R elements at i0 (only the first `count` unless kFull) for every draw, and
-// returns their KL values in kl (0 past `count`). kFull: aligned vector accesses.
+// Writes z for the R elements at i0 (only the first `count` unless kFull) for draws first_draw,
+// first_draw + draw_step, ... (every draw by default; first_draw < num_samples), and returns their
+// KL values in kl (0 past `count`). kFull: aligned vector accesses.
 template <bool kFull, bool kGroupAligned, int R, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uint64_t seed,
-                                           uint64_t offset, int64_t i0, int count, acc_t (&kl)[R]) {
+                                           uint64_t offset, int64_t i0, int count, acc_t (&kl)[R],
+                                           int64_t first_draw = 0, int64_t draw_step = 1) {
   const Packed<scalar_t, R> mu = load_pack<kFull, R>(p.mu + i0, count);
   const Packed<scalar_t, R> logvar = load_pack<kFull, R>(p.logvar + i0, count);
   // The normals of draw k into eps (one group of 4 at a time).
@@ -139,13 +142,13 @@ __device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uin
   // work needs no memory and runs while the loads are in flight. (Computed after the loads'
   // first use, exp(logvar / 2), the thread waited out the whole load latency first, then did that
   // work: the compiler does not move it across the branches of the draw loop.)
-  draw(0);
+  draw(first_draw);
   // exp(logvar / 2) once per element, for every draw and the KL (the compiler did not share it).
   acc_t std[R];
 #pragma unroll
   for (int e = 0; e < R; ++e) std[e] = math::posterior_std(to_acc<acc_t>(logvar.v[e]));
-  for (int64_t k = 0; k < p.num_samples; ++k) {
-    if (k > 0) draw(k);
+  for (int64_t k = first_draw; k < p.num_samples; k += draw_step) {
+    if (k > first_draw) draw(k);
     acc_t z[R];
 #pragma unroll
     for (int e = 0; e < R; ++e) z[e] = math::reparameterized_sample(to_acc<acc_t>(mu.v[e]), std[e], eps[e]);
@@ -210,6 +213,43 @@ __global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) sum += kl[e];
+  }
+  write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
+}
+
+// ---- forward: flat, the draws over lanes (num_samples > 1 on a small latent) --------------------
+// The flat kernel's thread draws its chunk's K normals one draw after another, so on a small latent
+// with many draws ((128, 20) with K = 50: 640 threads, 50 Philox + Box-Muller chains in a row each)
+// that chain is the kernel's time. Here Q = 2^draw_lanes_shift lanes (draw_lanes) take each chunk:
+// lane q draws q, q + Q, ... (each lane reads the chunk's mu and logvar), and the KL is lane 0's.
+// Item t of the grid is lane t % Q of chunk t / Q. z has the bits of the flat kernel's; the KL's
+// sum runs over the items in a fixed order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    reparam_kl_forward_draws_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kChunk;
+  const auto seeds = unpack_and_record(p);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  const int64_t n = p.numel;
+  const int shift = p.draw_lanes_shift;
+  const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
+  const int64_t items = num_chunks << shift;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t sum = 0;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < items; t += stride) {
+    const int64_t c = t >> shift, q = t - (c << shift);
+    const int64_t i0 = c * E;
+    acc_t kl[E];
+    if (c < full_chunks) {
+      sample_run<true, true>(p, seed, offset, i0, E, kl, q, int64_t{1} << shift);
+    } else {
+      sample_run<false, true>(p, seed, offset, i0, static_cast<int>(min64(E, n - i0)), kl, q, int64_t{1} << shift);
+    }
+    if (q == 0) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) sum += kl[e];
+    }
   }
   write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
 }
@@ -469,40 +509,46 @@ struct BackwardParams {
   scalar_t* grad_mu;
   scalar_t* grad_logvar;
   bool vec;
+  int draw_lanes_shift;  // draws kernel: 2^shift lanes per chunk
 };
 
-// Gradients of the E elements of one chunk at i0 (only the first `count` unless kFull). pos: the
-// (sample, position) of i0, used when track_rows.
+// Adds, for draws first_draw, first_draw + draw_step, ... of the E elements of one chunk at i0
+// (only the first `count` unless kFull), grad_z into grad_z_sum and grad_z * eps into
+// grad_z_eps_sum, draw after draw.
 template <bool kFull, int E, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p, uint64_t seed,
-                                               uint64_t offset, acc_t grad_z_all, acc_t grad_kl_all,
-                                               bool track_rows, RowPos pos, int64_t i0, int count) {
-  // mu and logvar are loaded first, so that their latency overlaps the Philox + Box-Muller work
-  // below (the compiler does not move loads above the loop over the draws).
-  const Packed<scalar_t, E> mu = load_pack<kFull, E>(p.mu + i0, count);
-  const Packed<scalar_t, E> logvar = load_pack<kFull, E>(p.logvar + i0, count);
-  acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
-  if (p.grad_z != nullptr) {
-    for (int64_t k = 0; k < p.num_samples; ++k) {
-      acc_t g[E];
-      if (p.grad_z_broadcast) {
+__device__ __forceinline__ void add_draw_terms(const BackwardParams<scalar_t>& p, uint64_t seed, uint64_t offset,
+                                               acc_t grad_z_all, int64_t i0, int count, int64_t first_draw,
+                                               int64_t draw_step, acc_t (&grad_z_sum)[E],
+                                               acc_t (&grad_z_eps_sum)[E]) {
+  for (int64_t k = first_draw; k < p.num_samples; k += draw_step) {
+    acc_t g[E];
+    if (p.grad_z_broadcast) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) g[e] = grad_z_all;
-      } else {
-        const Packed<scalar_t, E> raw = load_pack<kFull, E>(p.grad_z + k * p.numel + i0, count);
+      for (int e = 0; e < E; ++e) g[e] = grad_z_all;
+    } else {
+      const Packed<scalar_t, E> raw = load_pack<kFull, E>(p.grad_z + k * p.numel + i0, count);
 #pragma unroll
-        for (int e = 0; e < E; ++e) g[e] = to_acc<acc_t>(raw.v[e]);
-      }
-      for_each_eps_group<kFull, true, E>(p.eps, p.numel, seed, offset, k, i0, count,
-                                         [&](int e0, const acc_t (&eps)[4]) {
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          grad_z_sum[e0 + l] += g[e0 + l];
-          grad_z_eps_sum[e0 + l] += g[e0 + l] * eps[l];
-        }
-      });
+      for (int e = 0; e < E; ++e) g[e] = to_acc<acc_t>(raw.v[e]);
     }
+    for_each_eps_group<kFull, true, E>(p.eps, p.numel, seed, offset, k, i0, count,
+                                       [&](int e0, const acc_t (&eps)[4]) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        grad_z_sum[e0 + l] += g[e0 + l];
+        grad_z_eps_sum[e0 + l] += g[e0 + l] * eps[l];
+      }
+    });
   }
+}
+
+// Writes the gradients of the E elements of one chunk at i0 (only the first `count` unless
+// kFull) from mu, logvar and the draws' summed terms. pos: the (sample, position) of i0, used when
+// track_rows.
+template <bool kFull, int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_chunk_grads(const BackwardParams<scalar_t>& p, acc_t grad_kl_all,
+                                                  bool track_rows, RowPos pos, int64_t i0, int count,
+                                                  const Packed<scalar_t, E>& mu, const Packed<scalar_t, E>& logvar,
+                                                  const acc_t (&grad_z_sum)[E], const acc_t (&grad_z_eps_sum)[E]) {
   acc_t grad_kl[E];
   if (!track_rows) {
 #pragma unroll
@@ -531,6 +577,21 @@ __device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p
   }
   store_pack<kFull, E>(p.grad_mu + i0, grad_mu, count);
   store_pack<kFull, E>(p.grad_logvar + i0, grad_logvar, count);
+}
+
+// Gradients of the E elements of one chunk at i0 (only the first `count` unless kFull). pos: the
+// (sample, position) of i0, used when track_rows.
+template <bool kFull, int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_chunk(const BackwardParams<scalar_t>& p, uint64_t seed,
+                                               uint64_t offset, acc_t grad_z_all, acc_t grad_kl_all,
+                                               bool track_rows, RowPos pos, int64_t i0, int count) {
+  // mu and logvar are loaded first, so that their latency overlaps the Philox + Box-Muller work
+  // below (the compiler does not move loads above the loop over the draws).
+  const Packed<scalar_t, E> mu = load_pack<kFull, E>(p.mu + i0, count);
+  const Packed<scalar_t, E> logvar = load_pack<kFull, E>(p.logvar + i0, count);
+  acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
+  if (p.grad_z != nullptr) add_draw_terms<kFull, E>(p, seed, offset, grad_z_all, i0, count, 0, 1, grad_z_sum, grad_z_eps_sum);
+  write_chunk_grads<kFull, E>(p, grad_kl_all, track_rows, pos, i0, count, mu, logvar, grad_z_sum, grad_z_eps_sum);
 }
 
 template <typename scalar_t>
@@ -572,6 +633,65 @@ __global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t
   }
 }
 
+// The backward with the draws over lanes (num_samples > 1 on a small latent; see the forward's
+// draws kernel): lane q of a chunk regenerates draws q, q + Q, ... and adds their terms; the Q
+// lanes' sums are added by a fixed butterfly (a chunk's lanes are adjacent in one warp: Q <= 32),
+// and lane 0 writes the chunk's gradients. Only with grad_z (without it there are no draws).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    reparam_kl_backward_draws_kernel(const BackwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int E = kChunk;
+  const int64_t n = p.numel, d = p.per_sample;
+  uint64_t seed = 0, offset = 0;
+  if (p.eps == nullptr) {
+    seed = static_cast<uint64_t>(p.rng_state[0]);
+    offset = static_cast<uint64_t>(p.rng_state[1]);
+  }
+  const bool track_rows = p.grad_kl != nullptr && (p.grad_kl_per_sample || p.position_mean != nullptr);
+  const acc_t grad_kl_all = p.grad_kl != nullptr && !p.grad_kl_per_sample
+                                ? load_any<acc_t>(p.grad_kl, p.grad_kl_dtype, 0) * p.scale
+                                : acc_t(0);
+  const acc_t grad_z_all = p.grad_z_broadcast ? to_acc<acc_t>(p.grad_z[0]) : acc_t(0);
+  const int shift = p.draw_lanes_shift;
+  const int lanes = 1 << shift;
+  const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
+  const int64_t items = num_chunks << shift;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Block-uniform passes: every lane of every warp reaches every shuffle.
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * blockDim.x; t0 < items; t0 += stride) {
+    const int64_t t = t0 + threadIdx.x;
+    const int64_t c = t >> shift, q = t - (c << shift);
+    const int64_t i0 = c * E;
+    const int count = static_cast<int>(min64(E, n - i0));  // (<= 0 past the last chunk: no work)
+    acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
+    if (t < items) {
+      if (c < full_chunks) {
+        add_draw_terms<true, E>(p, seed, offset, grad_z_all, i0, E, q, lanes, grad_z_sum, grad_z_eps_sum);
+      } else {
+        add_draw_terms<false, E>(p, seed, offset, grad_z_all, i0, count, q, lanes, grad_z_sum, grad_z_eps_sum);
+      }
+    }
+    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        grad_z_sum[e] += __shfl_xor_sync(0xffffffffu, grad_z_sum[e], lane_mask);
+        grad_z_eps_sum[e] += __shfl_xor_sync(0xffffffffu, grad_z_eps_sum[e], lane_mask);
+      }
+    }
+    if (t < items && q == 0) {
+      const RowPos pos = track_rows ? row_pos(i0, d) : RowPos{0, 0};
+      if (c < full_chunks) {
+        write_chunk_grads<true, E>(p, grad_kl_all, track_rows, pos, i0, E, load_pack<true, E>(p.mu + i0, E),
+                                   load_pack<true, E>(p.logvar + i0, E), grad_z_sum, grad_z_eps_sum);
+      } else {
+        write_chunk_grads<false, E>(p, grad_kl_all, track_rows, pos, i0, count, load_pack<false, E>(p.mu + i0, count),
+                                    load_pack<false, E>(p.logvar + i0, count), grad_z_sum, grad_z_eps_sum);
+      }
+    }
+  }
+}
+
 // ---- host -----------------------------------------------------------------------------------
 
 }  // namespace
@@ -595,9 +715,25 @@ FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample) {
   const int64_t lanes = kThreads / tw;
   const int64_t splits = std::min({ceil_div(batch, lanes * kColumnRowsPerLane), kMaxBlocks / grid.col_tiles,
                                    kMaxColumnPartials / std::max<int64_t>(per_sample, 1)});
-  grid.row_splits = cuda_free_bits_split_enabled() ? std::max<int64_t>(splits, 1) : 1;
+  grid.row_splits = cuda_spread_enabled() ? std::max<int64_t>(splits, 1) : 1;
   grid.blocks = grid.row_splits == 1 ? std::min<int64_t>(grid.col_tiles, kMaxBlocks) : grid.col_tiles * grid.row_splits;
   return grid;
+}
+
+// Lanes per chunk (as a power of two: the shift) of the sample+KL kernels' draws over lanes: a
+// small latent with many draws gives each thread of the plain kernels one chunk's K draws in a
+// row; 2^shift lanes per chunk (up to K and 32) take every 2^shift-th draw instead, while the
+// chunks times the lanes stay within one wave of kThreads-thread blocks. 0: the plain kernels (one
+// draw, the spread switch off, or a latent that fills the GPU by itself).
+int draw_lanes_shift(int64_t numel, int64_t num_samples) {
+  if (num_samples < 2 || !cuda_spread_enabled()) return 0;
+  const int64_t chunks = ceil_div(numel, kChunk);
+  int shift = 0;
+  while ((int64_t{2} << shift) <= std::min<int64_t>(num_samples, 32) &&
+         (chunks << (shift + 1)) <= kMaxBlocks * kThreads) {
+    ++shift;
+  }
+  return shift;
 }
 
 namespace {
@@ -622,7 +758,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       launch_reducing_kernel<reparam_kl_forward_columns_split_kernel<scalar_t>>(
           grid.blocks, kThreads, d * grid.row_splits, false, p, mu.options(), stream);
     }
-  } else if (reduction == kNone && windows <= kMaxShortRowWindows) {
+  } else if (reduction == kNone && windows <= kMaxShortRowWindows && cuda_spread_enabled()) {
     int lanes = 1;
     while (lanes < windows) lanes *= 2;
     p.row_lanes = lanes;
@@ -639,13 +775,21 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
         stream);
   } else {
     constexpr int E = kChunk;
-    const FlatGrid grid = flat_reduction_grid<scalar_t>(ceil_div(n, E), 1);
     // Vector chunks: every pointer, and with several draws every draw's start, chunk-aligned.
     const size_t chunk_align = kPackedAlign<scalar_t, E>;
     p.vec = all_aligned({p.mu, p.logvar, p.eps, p.z}, chunk_align) &&
             (k == 1 || (n * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
-    launch_reducing_kernel<reparam_kl_forward_flat_kernel<scalar_t>>(grid.blocks, grid.threads, grid.blocks, true, p,
-                                                                     mu.options(), stream);
+    const int shift = draw_lanes_shift(n, k);
+    if (shift > 0) {
+      p.draw_lanes_shift = shift;
+      const int64_t blocks = std::min<int64_t>(ceil_div(ceil_div(n, E) << shift, kThreads), kMaxBlocks);
+      launch_reducing_kernel<reparam_kl_forward_draws_kernel<scalar_t>>(blocks, kThreads, blocks, false, p,
+                                                                        mu.options(), stream);
+    } else {
+      const FlatGrid grid = flat_reduction_grid<scalar_t>(ceil_div(n, E), 1);
+      launch_reducing_kernel<reparam_kl_forward_flat_kernel<scalar_t>>(grid.blocks, grid.threads, grid.blocks, true,
+                                                                       p, mu.options(), stream);
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -775,7 +919,16 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cuda(
                         chunk_align) &&
             (num_samples == 1 ||
              (layout.numel * static_cast<int64_t>(sizeof(scalar_t))) % static_cast<int64_t>(chunk_align) == 0);
-    launch_on_grid<reparam_kl_backward_kernel<scalar_t>>(large_block_grid(ceil_div(layout.numel, E)), stream, p);
+    // The draws over lanes only when there are draws to spread (grad_z given); the forward's choice
+    // does not bind the backward (it regenerates eps by index).
+    const int shift = has_grad_z ? draw_lanes_shift(layout.numel, num_samples) : 0;
+    if (shift > 0) {
+      p.draw_lanes_shift = shift;
+      const int64_t blocks = std::min<int64_t>(ceil_div(ceil_div(layout.numel, E) << shift, kThreads), kMaxBlocks);
+      launch_on_grid<reparam_kl_backward_draws_kernel<scalar_t>>(FlatGrid{blocks, kThreads}, stream, p);
+    } else {
+      launch_on_grid<reparam_kl_backward_kernel<scalar_t>>(large_block_grid(ceil_div(layout.numel, E)), stream, p);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_logvar};
