@@ -132,7 +132,7 @@ bool set_cuda_large_blocks_enabled(bool enabled);
 // warp, the same bits), num_samples > 1 on a small latent (the draws over lanes, draw_lanes). Off,
 // each runs in its kernel's plain shape. On unless FASTELBO_CUDA_SPREAD=0 is in the environment
 // when first asked. It changes the summation order of free bits' per-position sums and of the
-// many-draw gradients; it is there to time one shape against the other.
+// many-draw loss and gradients; it is there to time one shape against the other.
 // set_cuda_spread_enabled returns the previous setting.
 bool cuda_spread_enabled();
 bool set_cuda_spread_enabled(bool enabled);

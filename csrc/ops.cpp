@@ -440,8 +440,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   "CUDA problems that give few threads work are spread over more (free bits over a tall "
                   "batch, reduction 'none' on short samples, num_samples > 1 on a small latent)",
                   "run in the kernels' plain shapes (False; another summation order for free bits' sums and "
-                  "the many-draw gradients, so these may differ in the last bits: for timing one shape "
-                  "against the other)");
+                  "the many-draw loss and gradients, so these may differ in the last bits: for timing one "
+                  "shape against the other)");
 #ifdef FASTELBO_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(

@@ -626,7 +626,9 @@ def _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples):
 
 # (latent shape, data shape), in float32: one block (up to 1024 chunks of 4 elements; mnist's
 # latent, tiny), clusters of 9 to 16 blocks (mnist's data; odd sizes: 9 and 12 blocks; at the
-# limit: 16) and, last, one just past the small-grid limit of each op (ticket either way).
+# limit: 16) and, last, one just past the small-grid limit of each op (ticket either way). With 2
+# draws the latent runs as the draws kernel (2 lanes per chunk): mnist's as a cluster of 10
+# blocks, the tiny one as one block, the others through the ticket.
 SMALL_GRIDS = [((128, 20), (128, 784)), ((3, 5), (3, 7)), ((13, 333), (6, 1001)), ((64, 512), (16, 8192)),
                ((64, 513), (16, 8193))]
 
@@ -750,6 +752,36 @@ def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
         torch.testing.assert_close(r["kl_position_mean"].double(), want_mean, rtol=tol, atol=tol,
                                    msg=lambda m: f"kl_position_mean, split {on}: {m}")
         torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=lambda m: f"kl, split {on}: {m}")
+
+
+# (latent shape, data shape) with short samples, which reduction "none" runs several to a warp:
+# 1 and 16 windows per latent sample; data of 5 elements (element by element) and of 3 and 16
+# vector windows (float32; 16-bit: fewer).
+SHORT_ROW_SHAPES = [((20000, 3), (20000, 5)), ((3000, 64), (3000, 64)), ((128, 20), (4096, 12))]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shapes", SHORT_ROW_SHAPES, ids=["1-window", "16-windows", "mnist-latent"])
+def test_spread_switch_keeps_the_bits_of_short_rows(shapes, dtype, num_samples, aligned):
+    """reduction="none" on short samples: the short-rows kernels give every per-sample sum, z and
+    the prepared gradient the bits the rows kernels give (FASTELBO_CUDA_SPREAD=0)."""
+    (B, Z), data_shape = shapes
+    mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
+    x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
+    if not aligned:
+        mu, logvar, x_hat, x = (_offset_view(t, 1) for t in (mu, logvar, x_hat, x))
+
+    def outputs():
+        torch.manual_seed(17)
+        z, kl, rng, _ = ops.reparameterize_kl(mu, logvar, None, None, num_samples, RED["none"], 0.0)
+        loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, RED["none"], True)
+        return dict(z=z, kl=kl, rng_state=rng, loss=loss, grad_unit=grad_unit)
+
+    results = _both_ways("_set_cuda_spread", outputs)
+    for name in results[True]:
+        assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the spread off"
 
 
 # (latent shape, draws) that spread their draws over lanes: 32 lanes of ~2 draws, 8 lanes of 2,

@@ -223,7 +223,9 @@ __global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM
 // that chain is the kernel's time. Here Q = 2^draw_lanes_shift lanes (draw_lanes) take each chunk:
 // lane q draws q, q + Q, ... (each lane reads the chunk's mu and logvar), and the KL is lane 0's.
 // Item t of the grid is lane t % Q of chunk t / Q. z has the bits of the flat kernel's; the KL's
-// sum runs over the items in a fixed order.
+// sum runs over the items in a fixed order (another grid than the flat kernel's, so the loss may
+// differ from it in the last bits). Up to 16 blocks reduce inside a cluster on sm_90, as the flat
+// kernel's small grids do.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     reparam_kl_forward_draws_kernel(const ForwardParams<scalar_t> p) {
@@ -664,6 +666,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     const int64_t c = t >> shift, q = t - (c << shift);
     const int64_t i0 = c * E;
     const int count = static_cast<int>(min64(E, n - i0));  // (<= 0 past the last chunk: no work)
+    // Lane 0's mu and logvar are loaded first, so that their latency overlaps the draws.
+    Packed<scalar_t, E> mu{}, logvar{};
+    if (t < items && q == 0) {
+      if (c < full_chunks) {
+        mu = load_pack<true, E>(p.mu + i0, E);
+        logvar = load_pack<true, E>(p.logvar + i0, E);
+      } else {
+        mu = load_pack<false, E>(p.mu + i0, count);
+        logvar = load_pack<false, E>(p.logvar + i0, count);
+      }
+    }
     acc_t grad_z_sum[E] = {}, grad_z_eps_sum[E] = {};
     if (t < items) {
       if (c < full_chunks) {
@@ -682,11 +695,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     if (t < items && q == 0) {
       const RowPos pos = track_rows ? row_pos(i0, d) : RowPos{0, 0};
       if (c < full_chunks) {
-        write_chunk_grads<true, E>(p, grad_kl_all, track_rows, pos, i0, E, load_pack<true, E>(p.mu + i0, E),
-                                   load_pack<true, E>(p.logvar + i0, E), grad_z_sum, grad_z_eps_sum);
+        write_chunk_grads<true, E>(p, grad_kl_all, track_rows, pos, i0, E, mu, logvar, grad_z_sum, grad_z_eps_sum);
       } else {
-        write_chunk_grads<false, E>(p, grad_kl_all, track_rows, pos, i0, count, load_pack<false, E>(p.mu + i0, count),
-                                    load_pack<false, E>(p.logvar + i0, count), grad_z_sum, grad_z_eps_sum);
+        write_chunk_grads<false, E>(p, grad_kl_all, track_rows, pos, i0, count, mu, logvar, grad_z_sum, grad_z_eps_sum);
       }
     }
   }
@@ -783,7 +794,7 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
     if (shift > 0) {
       p.draw_lanes_shift = shift;
       const int64_t blocks = std::min<int64_t>(ceil_div(ceil_div(n, E) << shift, kThreads), kMaxBlocks);
-      launch_reducing_kernel<reparam_kl_forward_draws_kernel<scalar_t>>(blocks, kThreads, blocks, false, p,
+      launch_reducing_kernel<reparam_kl_forward_draws_kernel<scalar_t>>(blocks, kThreads, blocks, true, p,
                                                                         mu.options(), stream);
     } else {
       const FlatGrid grid = flat_reduction_grid<scalar_t>(ceil_div(n, E), 1);
