@@ -233,9 +233,8 @@ def test_reparameterize_kl_cuda_matches_cpu(shape, reduction, free_bits, num_sam
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
-@pytest.mark.parametrize("shape", [(128, 784), (8, 3, 17, 19), (3, 300007), (2000, 5), (1, 3), (4096, 12), (3000, 64),
-                                   (3000, 17)],
-                         ids=["128x784", "8x3x17x19", "3x300007", "2000x5", "1x3", "4096x12", "3000x64", "3000x17"])
+@pytest.mark.parametrize("shape", [(128, 784), (8, 3, 17, 19), (3, 300007), (2000, 5), (1, 3), (4096, 12), (3000, 64)],
+                         ids=["128x784", "8x3x17x19", "3x300007", "2000x5", "1x3", "4096x12", "3000x64"])
 def test_gaussian_recon_cuda_matches_cpu(shape, reduction, dtype, aligned, save_grad_unit):
     x_hat = randn(shape, dtype, "cpu", seed=1)
     x = randn(shape, dtype, "cpu", seed=2)
