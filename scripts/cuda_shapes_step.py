@@ -9,11 +9,12 @@ same run:
   largest relative difference of the floored loss and the per-position means between the two
   fastelbo settings (a sanity check; tests/test_cuda.py checks the values).
 - reduction="none": the sample+KL step and the reconstruction step (forward, then backward of the
-  per-sample losses), where samples of up to 16 windows now go several to a warp.
+  per-sample losses), where samples of up to 16 windows now go several to a warp; with and without
+  the spread, and the reference.
 - num_samples K > 1 (IWAE-style draws) on small latents: the sample+KL step. Each thread of the
-  sample+KL kernels draws its elements' K normals one draw after another (and the backward
-  regenerates them so), so a small latent with many draws is one long chain per thread; this
-  table shows how long.
+  sample+KL kernels drew its elements' K normals one draw after another (and the backward
+  regenerated them so), so a small latent with many draws was one long chain per thread; now the
+  draws go over lanes. With and without the spread, and the reference.
 
 Kernel time per step from torch.profiler (fastelbo.bench.profile_kernels) and the host-inclusive
 median step time, in microseconds.
@@ -93,9 +94,16 @@ def free_bits_table(args, device, sync):
         print(f"{B:>8} {D:>5} {splits:>6}  {cells}  {diff.item():>12.2e}")
 
 
+# The providers of the "none" and many-draw tables: fastelbo with the spread (the default), without
+# it (FASTELBO_CUDA_SPREAD=0's setting, switched in the same process), and plain PyTorch.
+PROVIDERS = (("spread", fastelbo, True), ("plain", fastelbo, False), ("reference", reference, True))
+
+
 def none_table(args, device, sync):
-    print('reduction="none", fwd+bwd: kernel us / step us')
-    print(f"{'B':>8} {'D':>5}  {'sample+KL':>17}  {'reference':>17}  {'recon':>17}  {'reference':>17}")
+    print('reduction="none", fwd+bwd: kernel us / step us; fastelbo spread (default), plain '
+          '(FASTELBO_CUDA_SPREAD=0), plain PyTorch')
+    print(f"{'B':>8} {'D':>5}  " + "  ".join(f"{'KL ' + n:>17}" for n, _, _ in PROVIDERS) + "  "
+          + "  ".join(f"{'recon ' + n:>17}" for n, _, _ in PROVIDERS))
     for B, D in args.none_shapes:
         mu, logvar, grad_z, x_hat, x = tensors((B, D), device, 5)
         logvar.mul_(0.5)
@@ -103,7 +111,9 @@ def none_table(args, device, sync):
             t.requires_grad_()
         weights = torch.rand(B, device=device)
         row = {}
-        for name, module in (("fastelbo", fastelbo), ("reference", reference)):
+        for name, module, spread in PROVIDERS:
+            fastelbo._C._set_cuda_spread(spread)
+
             def kl_step(module=module):
                 mu.grad = logvar.grad = None
                 z, kl = module.reparameterize_kl(mu, logvar, reduction="none")
@@ -116,14 +126,15 @@ def none_table(args, device, sync):
 
             row["kl", name] = timed(kl_step, args, device, sync)
             row["recon", name] = timed(recon_step, args, device, sync)
-        cells = "  ".join(f"{row[k][0]:>8.1f}/{row[k][1]:>8.1f}"
-                          for k in (("kl", "fastelbo"), ("kl", "reference"), ("recon", "fastelbo"), ("recon", "reference")))
+        fastelbo._C._set_cuda_spread(True)
+        cells = "  ".join(f"{row[op, n][0]:>8.1f}/{row[op, n][1]:>8.1f}" for op in ("kl", "recon") for n, _, _ in PROVIDERS)
         print(f"{B:>8} {D:>5}  {cells}")
 
 
 def draws_table(args, device, sync):
-    print("num_samples K, sample+KL fwd+bwd (batchmean): kernel us / step us")
-    print(f"{'B':>8} {'D':>5} {'K':>4}  {'fastelbo':>17}  {'reference':>17}")
+    print("num_samples K, sample+KL fwd+bwd (batchmean): kernel us / step us; fastelbo spread (default), "
+          "plain (FASTELBO_CUDA_SPREAD=0), plain PyTorch")
+    print(f"{'B':>8} {'D':>5} {'K':>4} {'lanes':>5}  " + "  ".join(f"{n:>17}" for n, _, _ in PROVIDERS))
     for B, D, K in args.draws:
         mu, logvar = tensors((B, D), device, 2)
         logvar.mul_(0.5)
@@ -131,15 +142,19 @@ def draws_table(args, device, sync):
         logvar.requires_grad_()
         grad_z = tensors((K, B, D) if K > 1 else (B, D), device, 1)[0]
         row = {}
-        for name, module in (("fastelbo", fastelbo), ("reference", reference)):
+        for name, module, spread in PROVIDERS:
+            fastelbo._C._set_cuda_spread(spread)
+
             def step(module=module):
                 mu.grad = logvar.grad = None
                 z, kl = module.reparameterize_kl(mu, logvar, num_samples=K)
                 torch.autograd.backward((z, kl), (grad_z, None))
 
             row[name] = timed(step, args, device, sync)
-        cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n in ("fastelbo", "reference"))
-        print(f"{B:>8} {D:>5} {K:>4}  {cells}")
+        fastelbo._C._set_cuda_spread(True)
+        lanes = fastelbo._C._cuda_draw_lanes(B * D, K) if device == "cuda" else 0
+        cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n, _, _ in PROVIDERS)
+        print(f"{B:>8} {D:>5} {K:>4} {lanes:>5}  {cells}")
 
 
 def main():
