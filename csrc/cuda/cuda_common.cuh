@@ -352,6 +352,16 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// Sum of v over each aligned group of `lanes` lanes (a power of two up to 32) by a fixed butterfly,
+// valid in every lane of the group. Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v, int lanes) {
+  for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
+  }
+  return v;
+}
+
 // Sum of v over the block (blockDim.x a multiple of 32), valid in thread 0. Every thread must
 // call it. A fixed butterfly within each warp, then the warps in order: deterministic.
 template <typename acc_t>
@@ -531,13 +541,25 @@ __device__ __forceinline__ void finish_rows(acc_t* out, acc_t* partials, int64_t
   } else {  // batch * lanes <= blockDim.x: one pass, and every thread takes part in the shuffles
     const int64_t b = threadIdx.x / lanes;
     const int lane = static_cast<int>(threadIdx.x % lanes);
-    acc_t v = b < batch ? sum_partials(partials + b * tiles, lane, tiles, lanes) : acc_t(0);
-    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
-      v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
-    }
+    const acc_t v = group_sum(b < batch ? sum_partials(partials + b * tiles, lane, tiles, lanes) : acc_t(0), lanes);
     if (lane == 0 && b < batch) out[b] = v;
   }
   if (threadIdx.x == 0) reset_ticket(counter);
+}
+
+// Per-sample sums of short samples (reduction "none"; the short-rows kernels): `lanes` lanes (a
+// power of two up to 32) per sample, blockDim.x / lanes samples per block pass; out[b] = the
+// group_sum of lane_value(b, lane) over sample b's lanes (called only for b < batch). The passes are
+// block-uniform, so every lane of every warp reaches every shuffle.
+template <typename acc_t, typename LaneValue>
+__device__ __forceinline__ void short_rows_sums(acc_t* out, int64_t batch, int lanes, LaneValue&& lane_value) {
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int64_t per_pass = blockDim.x / lanes;
+  for (int64_t b0 = blockIdx.x * per_pass; b0 < batch; b0 += gridDim.x * per_pass) {
+    const int64_t b = b0 + threadIdx.x / lanes;
+    const acc_t sum = group_sum(b < batch ? lane_value(b, lane) : acc_t(0), lanes);
+    if (lane == 0 && b < batch) out[b] = sum;
+  }
 }
 
 // Where a rows kernel puts the sum of segment s (valid in thread 0).

@@ -161,30 +161,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     recon_forward_short_rows_kernel(const ForwardParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int E = kPack<scalar_t>;
-  const int64_t d = p.per_sample, batch = p.batch;
+  const int64_t d = p.per_sample;
   const int lanes = p.row_lanes;
-  const int lane = static_cast<int>(threadIdx.x) % lanes;
-  const int64_t per_pass = blockDim.x / lanes;
-  // Block-uniform passes: every lane of every warp reaches every shuffle.
-  for (int64_t b0 = blockIdx.x * per_pass; b0 < batch; b0 += gridDim.x * per_pass) {
-    const int64_t b = b0 + threadIdx.x / lanes;
+  short_rows_sums(p.loss, p.batch, lanes, [&](int64_t b, int lane) {
+    const int64_t row = b * d;
     acc_t sum = 0;
-    if (b < batch) {
-      const int64_t row = b * d;
-      if (p.vec) {  // d % E == 0, aligned: lane w takes window w
-        const int64_t i0 = row + static_cast<int64_t>(lane) * E;
-        if (static_cast<int64_t>(lane) * E < d) {
-          recon_chunk<true>(p, i0, E, load_pack<true, E>(p.x_hat + i0, E), load_pack<true, E>(p.x + i0, E), sum);
-        }
-      } else {  // d <= lanes: lane l takes element l
-        recon_scalar_range(p, row, row + d, lane, lanes, sum);
+    if (p.vec) {  // d % E == 0, aligned: lane w takes window w
+      const int64_t i0 = row + static_cast<int64_t>(lane) * E;
+      if (static_cast<int64_t>(lane) * E < d) {
+        recon_chunk<true>(p, i0, E, load_pack<true, E>(p.x_hat + i0, E), load_pack<true, E>(p.x + i0, E), sum);
       }
+    } else {  // d <= lanes: lane l takes element l
+      recon_scalar_range(p, row, row + d, lane, lanes, sum);
     }
-    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
-      sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);  // stays within the aligned group of `lanes`
-    }
-    if (lane == 0 && b < batch) p.loss[b] = sum;
-  }
+    return sum;
+  });
 }
 
 // ---- backward -------------------------------------------------------------------------------

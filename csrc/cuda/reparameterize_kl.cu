@@ -286,6 +286,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   finish_rows(p.kl, p.partials, p.batch, tiles, p.slot);
 }
 
+// How many of the 4 positions of the window at position j0 of a sample of d positions exist (0: the
+// window is past the sample's end).
+__device__ __forceinline__ int window_count(int64_t j0, int64_t d) {
+  return j0 < d ? static_cast<int>(min64(kWindow, d - j0)) : 0;
+}
+
 // ---- forward: short rows ("none", samples of at most kMaxShortRowWindows windows) ------------
 // The rows kernel gives each sample a block of at least a warp, one thread per window: a sample of
 // a few windows left most of the warp idle, and a tall batch of them ran as many samples one after
@@ -302,27 +308,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   using acc_t = at::opmath_type<scalar_t>;
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
-  const int64_t d = p.per_sample, batch = p.batch;
-  const int lanes = p.row_lanes;
-  const int lane = static_cast<int>(threadIdx.x) % lanes;
-  const int64_t per_pass = blockDim.x / lanes;
-  const int64_t j0 = static_cast<int64_t>(lane) * kWindow;
-  const int count = j0 < d ? static_cast<int>(min64(kWindow, d - j0)) : 0;
-  // Block-uniform passes: every lane of every warp reaches every shuffle.
-  for (int64_t b0 = blockIdx.x * per_pass; b0 < batch; b0 += gridDim.x * per_pass) {
-    const int64_t b = b0 + threadIdx.x / lanes;
+  const int64_t d = p.per_sample;
+  short_rows_sums(p.kl, p.batch, p.row_lanes, [&](int64_t b, int lane) {  // lane w: window w
+    const int64_t j0 = static_cast<int64_t>(lane) * kWindow;
+    const int count = window_count(j0, d);
     acc_t sum = 0;
-    if (b < batch && count > 0) {
+    if (count > 0) {
       acc_t kl[kWindow];
       sample_window(p, seed, offset, b * d + j0, count, kl);
 #pragma unroll
       for (int e = 0; e < kWindow; ++e) sum += kl[e];
     }
-    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
-      sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);  // stays within the aligned group of `lanes`
-    }
-    if (lane == 0 && b < batch) p.kl[b] = sum;
-  }
+    return sum;
+  });
 }
 
 // ---- forward: columns (free bits) -----------------------------------------------------------
@@ -383,11 +381,8 @@ __device__ __forceinline__ void tile_column_sums(const ForwardParams<scalar_t>& 
   }
 }
 
-// Window x of column tile t: its first position and how many of its 4 positions exist.
+// Window x of column tile t: its first position.
 __device__ __forceinline__ int64_t tile_window_start(int64_t t, int tw, int x) { return (t * tw + x) * kWindow; }
-__device__ __forceinline__ int window_count(int64_t j0, int64_t d) {
-  return j0 < d ? static_cast<int>(min64(kWindow, d - j0)) : 0;
-}
 
 // The floored loss from the floored sum sum_j max(kbar_j, lam): as on the CPU, the batchmean
 // value times B, times the reduction's scale.
@@ -473,10 +468,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   acc_t floored = 0;
   for (int64_t j_first = 0; j_first < d; j_first += per_pass) {  // the same passes in every thread
     const int64_t j = j_first + threadIdx.x / lanes;
-    acc_t v = j < d ? sum_partials</*kCompensated=*/true>(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0);
-    for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
-      v += __shfl_xor_sync(0xffffffffu, v, lane_mask);  // stays within the aligned group of `lanes`
-    }
+    const acc_t v = group_sum(
+        j < d ? sum_partials</*kCompensated=*/true>(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0), lanes);
     if (lane == 0 && j < d) {
       const acc_t mean = v / static_cast<acc_t>(p.batch);
       p.position_mean[j] = mean;
@@ -685,6 +678,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
         add_draw_terms<false, E>(p, seed, offset, grad_z_all, i0, count, q, lanes, grad_z_sum, grad_z_eps_sum);
       }
     }
+    // (group_sum's butterfly, level by level over all 2E sums: their shuffles in flight together)
     for (int lane_mask = lanes / 2; lane_mask > 0; lane_mask >>= 1) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
