@@ -14,14 +14,19 @@ import fastelbo  # noqa: F401  (registers torch.ops.fastelbo)
 BATCHMEAN = fastelbo.ops.REDUCTIONS["batchmean"]
 
 
-def median_us(fn, reps, warmup=50):
-    """Median microseconds of `reps` calls of fn after min(warmup, reps) untimed ones."""
+def median_us(fn, reps, warmup=50, sync=None):
+    """Median microseconds of `reps` calls of fn after min(warmup, reps) untimed ones. sync (e.g.
+    torch.cuda.synchronize) runs before the first timed call and inside each timed one, after fn."""
     for _ in range(min(warmup, reps)):
         fn()
+    if sync is not None:
+        sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter_ns()
         fn()
+        if sync is not None:
+            sync()
         times.append(time.perf_counter_ns() - start)
     times.sort()
     return times[len(times) // 2] / 1e3

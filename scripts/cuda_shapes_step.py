@@ -24,8 +24,6 @@ median step time, in microseconds.
 (--device cpu only smoke-runs the script: no kernel times, and the switch changes nothing there.)
 """
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -33,29 +31,18 @@ import fastelbo
 from fastelbo import reference
 from fastelbo.bench import profile_kernels
 
+from cpu_kernel_calls import median_us  # (this script's folder is on sys.path when it runs)
+
 FREE_BITS_SHAPES = [(128, 20), (1024, 20), (4096, 20), (65536, 20), (2**20, 4), (2**16, 128), (256, 4096)]
 NONE_SHAPES = [(65536, 20), (2**21, 1), (65536, 64), (4096, 784)]
 DRAWS = [(128, 20, 1), (128, 20, 8), (128, 20, 50), (128, 64, 50), (1024, 64, 50)]
-
-
-def median_step_us(step, reps, sync):
-    for _ in range(2):
-        step()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter_ns()
-        step()
-        sync()
-        times.append((time.perf_counter_ns() - start) / 1e3)
-    return statistics.median(times)
 
 
 def timed(step, args, device, sync):
     """(kernel us per step, host-inclusive median step us)."""
     step()
     kernels = profile_kernels(step, device, steps=args.steps)
-    return kernels["kernel_time_us"] or float("nan"), median_step_us(step, args.reps, sync)
+    return kernels["kernel_time_us"] or float("nan"), median_us(step, args.reps, warmup=2, sync=sync)
 
 
 def tensors(shape, device, count):
@@ -63,14 +50,18 @@ def tensors(shape, device, count):
     return [torch.randn(shape, device=device, generator=generator) for _ in range(count)]
 
 
+def latent(shape, device):
+    """mu and logvar (scaled by 1/2) of a (B, D) latent, requiring grad."""
+    mu, logvar = tensors(shape, device, 2)
+    return mu.requires_grad_(), logvar.mul_(0.5).requires_grad_()
+
+
 def free_bits_table(args, device, sync):
     print(f"free bits {args.free_bits}, sample+KL fwd+bwd: kernel us / step us")
     print(f"{'B':>8} {'D':>5} {'splits':>6}  {'split':>17}  {'unsplit':>17}  {'reference':>17}  {'max rel diff':>12}")
     for B, D in args.free_bits_shapes:
-        mu, logvar, grad_z = tensors((B, D), device, 3)
-        logvar.mul_(0.5)
-        mu.requires_grad_()
-        logvar.requires_grad_()
+        mu, logvar = latent((B, D), device)
+        grad_z = tensors((B, D), device, 3)[2]
         row, values = {}, {}
         for name, fn, split in (("split", fastelbo.reparameterize_kl, True),
                                 ("unsplit", fastelbo.reparameterize_kl, False),
@@ -105,10 +96,9 @@ def none_table(args, device, sync):
     print(f"{'B':>8} {'D':>5}  " + "  ".join(f"{'KL ' + n:>17}" for n, _, _ in PROVIDERS) + "  "
           + "  ".join(f"{'recon ' + n:>17}" for n, _, _ in PROVIDERS))
     for B, D in args.none_shapes:
-        mu, logvar, grad_z, x_hat, x = tensors((B, D), device, 5)
-        logvar.mul_(0.5)
-        for t in (mu, logvar, x_hat):
-            t.requires_grad_()
+        mu, logvar = latent((B, D), device)
+        grad_z, x_hat, x = tensors((B, D), device, 5)[2:]
+        x_hat.requires_grad_()
         weights = torch.rand(B, device=device)
         row = {}
         for name, module, spread in PROVIDERS:
@@ -136,10 +126,7 @@ def draws_table(args, device, sync):
           "plain (FASTELBO_CUDA_SPREAD=0), plain PyTorch")
     print(f"{'B':>8} {'D':>5} {'K':>4} {'lanes':>5}  " + "  ".join(f"{n:>17}" for n, _, _ in PROVIDERS))
     for B, D, K in args.draws:
-        mu, logvar = tensors((B, D), device, 2)
-        logvar.mul_(0.5)
-        mu.requires_grad_()
-        logvar.requires_grad_()
+        mu, logvar = latent((B, D), device)
         grad_z = tensors((K, B, D) if K > 1 else (B, D), device, 1)[0]
         row = {}
         for name, module, spread in PROVIDERS:
