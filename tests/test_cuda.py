@@ -707,6 +707,21 @@ def test_large_blocks_switch_keeps_the_values(restore_large_blocks_switch, shape
                                "finished"), mu, logvar, x_hat, x, "batchmean", 1, "large blocks")
 
 
+# The incoming KL gradient of _sample_kl_step.
+STEP_GRAD_KL = 1.7
+
+
+def _sample_kl_step(mu, logvar, grad_z, num_samples, free_bits):
+    """The sample+KL forward ("batchmean", drawn after torch.manual_seed(13)) and its backward for
+    grad_z and an incoming KL gradient of STEP_GRAD_KL."""
+    code = RED["batchmean"]
+    torch.manual_seed(13)
+    z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, free_bits)
+    grad_kl = torch.tensor(STEP_GRAD_KL, device=mu.device)
+    gm, glv = ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng, pm, num_samples, code, free_bits)
+    return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, grad_mu=gm, grad_logvar=glv)
+
+
 # (batch, positions) whose free-bits forward is split over more blocks (tests/test_cuda_grid.py):
 # 32 splits of 20 positions, 128 of 3 (one window per block), 8 of 37 (a ragged last window).
 FREE_BITS_SPLIT_SHAPES = [(4096, 20), (2**16, 3), (1000, 37)]
@@ -727,17 +742,7 @@ def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
     mu = randn((B, D), dtype, seed=1) * torch.linspace(0.1, 2.0, D, device="cuda").to(dtype)
     logvar = randn((B, D), dtype, seed=2, scale=0.6)
     grad_z = randn((num_samples, B, D) if num_samples > 1 else (B, D), dtype, seed=5)
-    grad_kl = torch.tensor(1.7, device="cuda")
-    code = RED["batchmean"]
-
-    def outputs():
-        torch.manual_seed(13)
-        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, free_bits)
-        gm, glv = ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng, pm, num_samples, code,
-                                                 free_bits)
-        return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, grad_mu=gm, grad_logvar=glv)
-
-    results = _both_ways("_set_cuda_spread", outputs)
+    results = _both_ways("_set_cuda_spread", lambda: _sample_kl_step(mu, logvar, grad_z, num_samples, free_bits))
     for name in ("z", "rng_state", "grad_mu", "grad_logvar"):
         assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the split off"
     mu64, logvar64 = mu.double(), logvar.double()
@@ -798,16 +803,7 @@ def test_spread_switch_keeps_the_draws(shape, num_samples, dtype):
     assert fastelbo._C._cuda_draw_lanes(shape[0] * shape[1], num_samples) > 1
     mu, logvar = randn(shape, dtype, seed=1), randn(shape, dtype, seed=2, scale=0.6)
     grad_z = randn((num_samples, *shape), dtype, seed=5)
-    grad_kl = torch.tensor(1.7, device="cuda")
-    code = RED["batchmean"]
-
-    def outputs():
-        torch.manual_seed(13)
-        z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, 0.0)
-        gm, glv = ops.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, rng, pm, num_samples, code, 0.0)
-        return dict(z=z, kl=kl, rng_state=rng, grad_mu=gm, grad_logvar=glv)
-
-    results = _both_ways("_set_cuda_spread", outputs)
+    results = _both_ways("_set_cuda_spread", lambda: _sample_kl_step(mu, logvar, grad_z, num_samples, 0.0))
     for name in ("z", "rng_state"):
         assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the spread off"
     unused_eps = torch.zeros((num_samples, *shape), dtype=torch.float64, device="cuda")
@@ -815,8 +811,8 @@ def test_spread_switch_keeps_the_draws(shape, num_samples, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     # The CPU regenerates the same draws from the same (seed, offset).
     rng = results[True]["rng_state"].cpu()
-    cpu_grads = ops.reparameterize_kl_backward(grad_z.cpu(), grad_kl.cpu(), mu.cpu(), logvar.cpu(), None, rng,
-                                               torch.empty(0), num_samples, code, 0.0)
+    cpu_grads = ops.reparameterize_kl_backward(grad_z.cpu(), torch.tensor(STEP_GRAD_KL), mu.cpu(), logvar.cpu(), None,
+                                               rng, torch.empty(0), num_samples, RED["batchmean"], 0.0)
     for on, r in results.items():
         torch.testing.assert_close(r["kl"].double(), want_kl, rtol=tol, atol=tol, msg=lambda m: f"kl, spread {on}: {m}")
         assert_agree(r["grad_mu"], cpu_grads[0], f"grad_mu, spread {on}")
