@@ -21,6 +21,7 @@ from a seed, and that the backward regenerates exactly the eps its forward used.
 REFERENCE, so a deliberately broken op can be swapped in to see the validator fail.
 """
 import argparse
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -49,8 +50,17 @@ CASES = (
     ("sum fb=0.6", "sum", 0.6, 1),
     ("batchmean fb=0.6", "batchmean", 0.6, 1),
     ("batchmean K=3", "batchmean", 0.0, 3),
+    ("none K=3", "none", 0.0, 3),
+    ("sum fb=0.6 K=3", "sum", 0.6, 3),
 )
-SHAPES = ((1, 1), (3, 5), (7, 13), (2, 3, 5, 7), (5, 4099), (2, 20001))  # the last: 2 chunks per row, 2 threads
+# Shapes, chosen so that on a GPU every launch shape of the CUDA kernels runs (csrc/cuda/): one
+# block ((1, 1) to (7, 13)), several samples per warp for "none" (samples of up to 16 windows of 4),
+# the rows kernel ((2, 3, 5, 7) and the long rows, tiled), a small grid ((5, 4099), (2, 20001): 2
+# chunks per row and 2 threads on the CPU), the memory-bound grid of large blocks, with K = 3 in
+# the plain sample+KL kernels ((2, 150001)), and a tall batch of short samples, whose free bits
+# forward splits the batch over more blocks ((600, 20)); the draws over lanes take K = 3 on the
+# smaller latents.
+SHAPES = ((1, 1), (3, 5), (7, 13), (2, 3, 5, 7), (5, 4099), (2, 20001), (2, 150001), (600, 20))
 # Memory layouts of (x_hat, x) besides contiguous, checked on a 4-D shape: the recon kernels read a
 # channels_last x_hat in place, with x in the same layout or copied into it (csrc/ops.cpp,
 # recon_operands). (The gradients' layout is a test matter: .grad always takes its leaf's layout.)
@@ -62,6 +72,11 @@ LAYOUT_REDUCTIONS = ("none", "batchmean")
 ATOL_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 0.5, torch.bfloat16: 0.5}
 QUANTITIES = ("z", "kl", "rec", "grad_mu", "grad_logvar", "grad_x_hat", "grad_x")
 SIGMAS = 5.0  # statistical checks: allowed deviation in standard errors (the draws are seeded)
+# The backward's regenerated eps against each reduction's forward draws, (label suffix, reduction,
+# free_bits), on shapes that take each forward kernel (see SHAPES): one block and a sample of 6
+# windows, a sample of 25 windows, a tall batch of 5 windows.
+RNG_BACKWARD_CASES = (("", "batchmean", 0.0), (" none", "none", 0.0), (" fb", "sum", 0.6))
+RNG_BACKWARD_SHAPES = ((5, 3, 7), (3, 97), (600, 20))
 
 
 @dataclass
@@ -109,8 +124,9 @@ def _run(functions, inputs, grads, reduction, free_bits, num_samples):
             "grad_x_hat": x_hat.grad, "grad_x": x.grad}
 
 
-def _make_inputs(shape, num_samples, reduction, seed):
-    """float64 CPU inputs and incoming gradients for one case (cast to the dtype under test later)."""
+def _make_inputs(shape, num_samples, per_sample_loss, seed):
+    """float64 CPU inputs and incoming gradients for one case (cast to the dtype under test later).
+    per_sample_loss: reduction "none" (incoming loss gradients of shape (B,))."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64)  # noqa: E731
     z_shape = (num_samples, *shape) if num_samples > 1 else shape
@@ -119,7 +135,7 @@ def _make_inputs(shape, num_samples, reduction, seed):
     eps = randn(*z_shape)
     x = torch.rand(shape, generator=gen, dtype=torch.float64)
     x_hat = x + 0.3 * randn(*shape)
-    loss_shape = (shape[0],) if reduction == "none" else ()
+    loss_shape = (shape[0],) if per_sample_loss else ()
     grads = (randn(*z_shape), randn(*loss_shape), randn(*loss_shape))
     return (mu, logvar, eps, x_hat, x), grads
 
@@ -136,10 +152,11 @@ def _with_layout(inputs, layout):
 
 
 def check_case(fused, oracle_impl, device, dtype, label, reduction, free_bits, num_samples, shape, seed,
-               layout="contiguous"):
+               layout="contiguous", make_inputs=_make_inputs):
     """Fused vs reference for one (device, dtype, case, shape): a Row. layout: of x_hat and x
-    (contiguous, or one of LAYOUTS)."""
-    inputs64, grads64 = _make_inputs(shape, num_samples, reduction, seed)
+    (contiguous, or one of LAYOUTS). make_inputs: _make_inputs, or a cache of it (the inputs
+    depend on the shape, the draws, "none" or not and the seed; not on the dtype)."""
+    inputs64, grads64 = make_inputs(shape, num_samples, reduction == "none", seed)
     inputs = _with_layout([t.to(device=device, dtype=dtype) for t in inputs64], layout)
     grads = [g.to(device=device, dtype=dtype) for g in grads64]
     # The oracle sees exactly the values the dtype under test can hold.
@@ -272,34 +289,39 @@ def check_rng(fused, device, seed):
 
     # The backward regenerates the forward's eps: with mu = 0 and logvar = 0, z = eps, so
     # d/dmu = g and d/dlogvar = 1/2 g z exactly. Two forwards run before the two backwards, so a
-    # backward that redraws from the generator's current state (not the saved one) shows up.
+    # backward that redraws from the generator's current state (not the saved one) shows up. Each
+    # reduction's forward draws in its own kernels (on a GPU: one block, the draws over lanes, several
+    # samples per warp, the rows and the columns kernels, and the columns split over a tall batch:
+    # RNG_BACKWARD_SHAPES), and the one backward must regenerate what each of them drew.
     for dtype in (torch.float64, torch.float32):
         for k in (1, 3):
-            shape = (5, 3, 7)
-            gen = _generator(device, seed + k)
-            worst_err, worst_allowed = 0.0, 0.0
-            runs = []
-            for _ in range(2):
-                mu = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
-                logvar = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
-                z, _ = fused.reparameterize_kl(mu, logvar, num_samples=k, generator=gen)
-                runs.append((mu, logvar, z))
-            for mu, logvar, z in reversed(runs):
-                g = torch.randn(z.shape, generator=_generator(device, seed + 99), device=device, dtype=dtype)
-                z.backward(g)
-                zd, gd = z.detach().double(), g.double()
-                want_mu = gd.sum(0) if k > 1 else gd
-                want_lv = (0.5 * gd * zd).sum(0) if k > 1 else 0.5 * gd * zd
-                tol = 4 * torch.finfo(dtype).eps
-                for got, want in ((mu.grad, want_mu), (logvar.grad, want_lv)):
-                    err = _max_abs(got, want)
-                    allowed = tol * max(1.0, float(want.abs().max()))
-                    if err / allowed > (worst_err / worst_allowed if worst_allowed else -1):
-                        worst_err, worst_allowed = err, allowed
-            label = "rng backward eps" + (f" K={k}" if k > 1 else "")
-            rows.append(Row(device, _dtype_name(dtype), label, _shape_str(shape), "grad_logvar", worst_err,
-                            math.nan, worst_allowed, worst_err <= worst_allowed,
-                            "" if worst_err <= worst_allowed else "backward did not reuse the forward's eps"))
+            for suffix, reduction, free_bits in RNG_BACKWARD_CASES:
+                worst = (-1.0, 0.0, 0.0, "", RNG_BACKWARD_SHAPES[0])  # (err / allowed, err, allowed, name, shape)
+                for shape in RNG_BACKWARD_SHAPES:
+                    gen = _generator(device, seed + k)
+                    runs = []
+                    for _ in range(2):
+                        mu = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+                        logvar = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+                        z, _ = fused.reparameterize_kl(mu, logvar, num_samples=k, generator=gen, reduction=reduction,
+                                                       free_bits=free_bits)
+                        runs.append((mu, logvar, z))
+                    for mu, logvar, z in reversed(runs):
+                        g = torch.randn(z.shape, generator=_generator(device, seed + 99), device=device, dtype=dtype)
+                        z.backward(g)
+                        zd, gd = z.detach().double(), g.double()
+                        want_mu = gd.sum(0) if k > 1 else gd
+                        want_lv = (0.5 * gd * zd).sum(0) if k > 1 else 0.5 * gd * zd
+                        tol = 4 * torch.finfo(dtype).eps
+                        for name, got, want in (("grad_mu", mu.grad, want_mu), ("grad_logvar", logvar.grad, want_lv)):
+                            err = _max_abs(got, want)
+                            allowed = tol * max(1.0, float(want.abs().max()))
+                            if err / allowed > worst[0]:
+                                worst = (err / allowed, err, allowed, name, shape)
+                _, err, allowed, name, shape = worst
+                label = "rng backward eps" + suffix + (f" K={k}" if k > 1 else "")
+                rows.append(Row(device, _dtype_name(dtype), label, _shape_str(shape), name, err, math.nan, allowed,
+                                err <= allowed, "" if err <= allowed else "backward did not reuse the forward's eps"))
 
     # Same, in half precision with |mu| >> std, where (z - mu) / std would cancel catastrophically:
     # eps comes from a draw with mu = 0, logvar = 0 and the same seed (z = eps in this dtype).
@@ -356,6 +378,8 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
     cases = CASES if cases is None else tuple(cases)
     shapes = SHAPES if shapes is None else tuple(shapes)
     rows = []
+    # Every dtype and case of a shape reads the same float64 inputs: drawn once per validate call.
+    make_inputs = functools.lru_cache(maxsize=None)(_make_inputs)
 
     def add(row):
         rows.append(row)
@@ -378,7 +402,7 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
                 for index, shape in enumerate(shapes):
                     try:
                         row = check_case(fused, reference_impl, device, dtype, label, reduction, free_bits,
-                                         num_samples, shape, seed * 1000 + index)
+                                         num_samples, shape, seed * 1000 + index, make_inputs=make_inputs)
                     except Exception as error:  # a crash is a failure, reported in the table
                         row = failed(device, dtype, label, shape, error)
                     add(row)

@@ -134,3 +134,20 @@ def test_spread_switch_turns_the_draw_lanes_off(spread_switch_on):
 def test_bad_draw_lane_arguments_are_refused():
     with pytest.raises(ValueError, match="num_samples >= 1"):
         fastelbo._C._cuda_draw_lanes(10, 0)
+
+
+def test_validate_reaches_every_sample_and_kl_launch_shape(spread_switch_on):
+    """`fastelbo validate` on a GPU runs the free-bits forward's split kernel (a tall batch) and
+    its unsplit columns kernel, and K = 3 both in the draws over lanes and in the plain kernels
+    (a latent that fills a wave by itself), so a user's validate run checks each of them."""
+    from fastelbo import validate
+
+    assert any(k == 3 and fb > 0 for _, _, fb, k in validate.CASES)
+    shapes = [(shape[0], math.prod(shape[1:])) for shape in validate.SHAPES]
+    splits = {fastelbo._C._cuda_free_bits_grid(b, d)["row_splits"] for b, d in shapes}
+    assert 1 in splits and max(splits) > 1, splits
+    lanes = {fastelbo._C._cuda_draw_lanes(b * d, 3) for b, d in shapes}
+    assert 1 in lanes and max(lanes) > 1, lanes
+    rng_splits = {fastelbo._C._cuda_free_bits_grid(shape[0], math.prod(shape[1:]))["row_splits"]
+                  for shape in validate.RNG_BACKWARD_SHAPES}
+    assert 1 in rng_splits and max(rng_splits) > 1, rng_splits

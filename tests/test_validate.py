@@ -19,8 +19,9 @@ def test_validate_command_passes(capsys, device, cpu_code_path):
     assert "all passed" in out
     # The table covers every dtype, reduction, layout and the rng checks, on this device only.
     for word in ("float64", "float32", "float16", "bfloat16", "none", "sum", "mean", "batchmean",
-                 "(2,3,5,7)", "channels_last", "x_hat channels_last", "rng moments", "rng backward eps",
-                 "empty batch"):
+                 "(2,3,5,7)", "(600,20)", "(2,150001)", "none K=3", "sum fb=0.6 K=3", "channels_last",
+                 "x_hat channels_last", "rng moments", "rng backward eps", "rng backward eps none K=3",
+                 "rng backward eps fb", "empty batch"):
         assert word in out, word
     rows = [line for line in out.splitlines() if line.startswith(("cpu ", "cuda "))]
     assert rows and all(line.startswith(device + " ") for line in rows)
@@ -81,6 +82,19 @@ def _backward_redraws_eps(mu, logvar, *, eps=None, generator=None, num_samples=1
     return z, kl
 
 
+def _none_backward_redraws_eps(mu, logvar, *, reduction="batchmean", **kw):
+    """Like _backward_redraws_eps, for reduction "none" only: a per-sample forward whose draws the
+    backward does not regenerate (the other reductions' rng rows pass)."""
+    if reduction == "none":
+        return _backward_redraws_eps(mu, logvar, reduction=reduction, **kw)
+    return functional.reparameterize_kl(mu, logvar, reduction=reduction, **kw)
+
+
+def _free_bits_dropped_with_draws(mu, logvar, *, free_bits=0.0, num_samples=1, **kw):
+    return functional.reparameterize_kl(mu, logvar, free_bits=free_bits if num_samples == 1 else 0.0,
+                                        num_samples=num_samples, **kw)
+
+
 BROKEN = {
     "kl doubled": (dict(reparameterize_kl=_kl_doubled), "kl"),
     "logvar gradient 1% off": (dict(reparameterize_kl=_logvar_grad_off_by_one_percent), "grad_logvar"),
@@ -89,6 +103,8 @@ BROKEN = {
     "uniform eps": (dict(reparameterize_kl=_uniform_eps), "rng moments+tails"),
     "generator ignored": (dict(reparameterize_kl=_ignores_generator), "rng reproducible"),
     "backward redraws eps": (dict(reparameterize_kl=_backward_redraws_eps), "rng backward eps"),
+    "none's backward redraws eps": (dict(reparameterize_kl=_none_backward_redraws_eps), "rng backward eps none"),
+    "free bits dropped with K > 1": (dict(reparameterize_kl=_free_bits_dropped_with_draws), "sum fb=0.6 K=3"),
 }
 
 
