@@ -6,6 +6,7 @@
     --fastelbo-devices   comma list of cpu,cuda (default: those present)
     --fastelbo-threads   torch.set_num_threads for CPU runs (default: torch's default)
 """
+import pytest
 
 
 def pytest_addoption(parser):
@@ -19,7 +20,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     threads = config.getoption("--fastelbo-threads", default=None)
-    if threads:
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--fastelbo-threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)

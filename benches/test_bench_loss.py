@@ -17,10 +17,17 @@ from fastelbo import bench
 DEFAULT_SIZES = "mnist-mlp;ldm-ae-256"
 
 
-def _devices(config):
-    text = config.getoption("--fastelbo-devices")
-    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [d.strip() for d in text.split(",") if d.strip()] if text else present
+def _option_list(config, option, known, canonical=lambda item: item):
+    """The comma list of `option` as canonical names (None when not given); an unknown name is a
+    usage error, as `fastelbo bench` makes it."""
+    text = config.getoption(option)
+    if text is None:
+        return None
+    items = [canonical(t.strip()) for t in text.split(",") if t.strip()]
+    unknown = [item for item in items if item not in known]
+    if unknown or not items:
+        raise pytest.UsageError(f"{option} {text!r}: expected a comma list of {', '.join(known)}")
+    return items
 
 
 def pytest_generate_tests(metafunc):
@@ -29,17 +36,23 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     sizes = []
     for item in (config.getoption("--fastelbo-sizes") or DEFAULT_SIZES).split(";"):
-        sizes += bench.parse_size(item)
-    providers = (config.getoption("--fastelbo-providers") or ",".join(bench.PROVIDERS)).split(",")
-    dtypes_opt = config.getoption("--fastelbo-dtypes")
+        try:
+            sizes += bench.parse_size(item)
+        except Exception as error:  # argparse.ArgumentTypeError: the size's own message
+            raise pytest.UsageError(f"--fastelbo-sizes: {error}") from None
+    providers = _option_list(config, "--fastelbo-providers", list(bench.PROVIDERS)) or list(bench.PROVIDERS)
+    dtypes_opt = _option_list(config, "--fastelbo-dtypes", list(bench.DTYPES),
+                              lambda name: bench.DTYPE_SHORT_NAMES.get(name, name))
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = _option_list(config, "--fastelbo-devices", ["cpu", "cuda"]) or present
     params, ids = [], []
-    for device in _devices(config):
-        dtypes = dtypes_opt.split(",") if dtypes_opt else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    for device in devices:
+        dtypes = dtypes_opt or (["fp32", "bf16"] if device == "cuda" else ["fp32"])
         for dtype in dtypes:
             for size in sizes:
                 for mode in bench.MODES:
                     for provider in providers:
-                        params.append((provider.strip(), device, dtype.strip(), size, mode))
+                        params.append((provider, device, dtype, size, mode))
                         ids.append(f"{device}-{dtype}-{size.name}-{mode}-{provider}")
     metafunc.parametrize("case", params, ids=ids)
 
@@ -74,8 +87,6 @@ def _loss_fn(provider, device, dtype, size):
 
 def test_loss_step(benchmark, case):
     provider, device, dtype, size, mode = case
-    if provider not in bench.PROVIDERS:
-        pytest.fail(f"unknown provider {provider!r} ({', '.join(bench.PROVIDERS)})")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     fn = _loss_fn(provider, device, dtype, size)

@@ -23,12 +23,15 @@ Timing (see `measure_case`): validation and warm-up first (torch.compile compile
 inside a timed step); host-inclusive wall time of every step with time.perf_counter_ns, on CUDA
 after torch.cuda.synchronize(); the providers are measured round-robin in interleaved chunks so
 that drift of a shared machine hits them alike; several input sets are cycled when one set would
-stay in the last-level cache, and every provider gets the same input sets. On CUDA, a profiled
-pass adds the summed kernel time and the kernel launches per step.
+stay in the last-level cache (up to --max-input-sets: at the smallest sizes they all still fit in
+it, and the row's `inputs_fit_in_cache` says so), and every provider gets the same input sets. On
+CUDA, a profiled pass adds the summed kernel time and the kernel launches per step.
 
 Byte floor (the bytes a loss step cannot avoid moving), N = B*Z latent elements, M = B*D data elements, s bytes per element:
 fwd+bwd (8N + 5M) s, fwd (3N + 2M) s; `floor_fraction` = (floor bytes / copy bandwidth) / step time,
-with the copy bandwidth (bytes read + written by a large tensor copy) measured in the same run.
+with the copy bandwidth (bytes read + written by a large tensor copy) measured in the same run, and
+`effective_GBps` = floor bytes / step time (not the bytes the step moved: it may exceed the copy
+bandwidth where a step moves less than the floor).
 (DESIGN.md's floor. fastelbo goes below it in fwd+bwd: its recon forward also writes the x_hat
 gradient, which the backward of loss.backward() then hands back, so recon moves 3M s instead of
 5M s, and its "fwd" step moves M s more than the fwd floor. FASTELBO_GRAD_IN_FORWARD=0 turns
@@ -494,6 +497,16 @@ class _quiet_stderr:
         return False
 
 
+def _activity_kind(name):
+    """memcpy, memset or kernel, from a CUDA activity's name (CUPTI's "Memcpy HtoD (Pageable ->
+    Device)", "Memset (Device)"; every other name is a kernel's). The profiler's events carry no
+    portable kind: an event's activity_type attribute is absent in torch 2.11."""
+    for kind in ("memcpy", "memset"):
+        if name.lower().startswith(kind):
+            return kind
+    return "kernel"
+
+
 def profile_kernels(step, device, steps=5):
     """CUDA: summed device time and count of the kernels (memset and memcpy included) per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -515,7 +528,7 @@ def profile_kernels(step, device, steps=5):
         total_us += elapsed
         names[event.name] = names.get(event.name, 0) + 1
         name_us[event.name] = name_us.get(event.name, 0.0) + elapsed
-        kind = str(getattr(event, "activity_type", None) or "device")
+        kind = _activity_kind(event.name)
         kinds[kind] = kinds.get(kind, 0) + 1
     if count == 0:  # no CUPTI activity recorded: report n/a rather than "0 kernels"
         return {"kernel_time_us": None, "kernels_per_step": None, "kernel_names": {}, "kernel_time_us_by_name": {},
@@ -619,6 +632,14 @@ def n_input_sets(size, dtype, device, max_sets):
     return max(1, min(max_sets, math.ceil(2 * cache_bytes(device) / per_set)))
 
 
+def inputs_fit_in_cache(size, dtype, device, sets):
+    """Whether `sets` input sets together fit in the last-level cache: then the cap on the sets
+    (--max-input-sets) left every step's inputs cached, as at the smallest sizes (mnist-mlp's 32
+    float32 sets are 25 MiB), and the row times a loss whose inputs are in cache (as they are in
+    training, just written by the decoder), not one that reads them from memory."""
+    return sets * input_set_bytes(size, dtype) <= cache_bytes(device)
+
+
 def measure_case(size, dtype_name, device, cfg, copy_bw, log, progress=None):
     """Validates and times every provider on one (size, dtype, device); returns (rows, refused)."""
     dtype = DTYPES[dtype_name]
@@ -688,11 +709,15 @@ def measure_case(size, dtype_name, device, cfg, copy_bw, log, progress=None):
         for name, step in steps.items():
             stats = summarize(samples[name])
             row = dict(case, provider=name, mode=mode, element_bytes=torch.empty((), dtype=dtype).element_size(),
-                       n_input_sets=sets, warmup=max(cfg.warmup, 1), **stats)
+                       n_input_sets=sets, inputs_fit_in_cache=inputs_fit_in_cache(size, dtype, device, sets),
+                       warmup=max(cfg.warmup, 1), **stats)
             row["floor_bytes"] = fbytes
             row["floor_us"] = floor_us
             row["copy_GBps"] = copy_bw["GBps"]
-            row["achieved_GBps"] = fbytes / (stats["median_us"] * 1e-6) / 1e9
+            # The floor's bytes over the step time: what the step would need at least, not what it
+            # moved (eager moves several times the floor, fastelbo's fwd+bwd less), so it can exceed
+            # copy_GBps; floor_fraction is the same figure relative to the copy bandwidth.
+            row["effective_GBps"] = fbytes / (stats["median_us"] * 1e-6) / 1e9
             row["floor_fraction"] = floor_us / stats["median_us"]
             if device == "cuda":
                 prof = profile_kernels(step, device, cfg.profile_steps)
@@ -959,10 +984,11 @@ def add_arguments(parser):
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,fwd+bwd (default both)")
     parser.add_argument("--reps", type=int_at_least(1), default=None, help="timed steps per provider (default: adaptive)")
-    parser.add_argument("--time-per-case", type=float, default=None,
+    parser.add_argument("--time-per-case", type=positive_seconds, default=None,
                         help="seconds of timed steps per provider, size, dtype and mode (default 1.0; --quick 0.1)")
-    parser.add_argument("--warmup", type=int_at_least(0), default=None,
-                        help="untimed steps before timing (default 3; --quick 2)")
+    parser.add_argument("--warmup", type=int_at_least(1), default=None,
+                        help="untimed steps before timing, at least 1: they also estimate the step's time "
+                             "(default 3; --quick 2)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (" + ",".join(QUICK_SIZES) + "), fp32, few reps: about a minute on 2 CPU cores")
     parser.add_argument("--out", default="fastelbo-bench", metavar="DIR",
@@ -973,7 +999,8 @@ def add_arguments(parser):
     parser.add_argument("--profile-steps", type=int_at_least(1), default=5,
                         help="CUDA: steps profiled for kernel time and launches")
     parser.add_argument("--max-input-sets", type=int_at_least(1), default=32,
-                        help="at most this many input sets cycled to defeat the cache (default 32)")
+                        help="at most this many input sets cycled to defeat the cache (default 32; at the "
+                             "smallest sizes they may all fit in it: a row's inputs_fit_in_cache)")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch.set_num_threads for the CPU (default: torch's default, all cores)")
     parser.add_argument("--copy-mib", type=int_at_least(1), default=None,
@@ -982,17 +1009,32 @@ def add_arguments(parser):
     parser.add_argument("--list", action="store_true", help="list the presets and providers and exit")
 
 
-def _split(text, option):
-    """The items of a comma list; a list with none is an error (it would measure nothing)."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
+def _split(text, option, canonical=lambda item: item):
+    """The items of a comma list, as canonical(item); a list with none (it would measure nothing)
+    or with an item twice (it would measure it twice) is an error."""
+    items = [canonical(t.strip()) for t in text.split(",") if t.strip()]
     if not items:
         raise ValueError(f"{option} {text!r} names nothing")
+    for item in items:
+        if items.count(item) > 1:
+            raise ValueError(f"{option} {text!r} names {item} twice")
     return items
+
+
+def positive_seconds(value):
+    """An argparse `type=`: a finite number of seconds > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {value!r}")
+    return number
 
 
 def _resolve(args):
     """-> (devices, {device: [Size]}, dtypes, providers, modes, Config); raises ValueError on bad input."""
-    devices = _split(args.devices, "--devices") if args.devices else default_devices()
+    devices = _split(args.devices, "--devices") if args.devices is not None else default_devices()
     for d in devices:
         if d not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {d!r} (cpu, cuda)")
@@ -1004,6 +1046,16 @@ def _resolve(args):
             explicit += parse_size(item)
         except argparse.ArgumentTypeError as error:
             raise ValueError(str(error)) from None
+    names = [size.name for size in explicit]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"size {name} is named twice")
+    if args.copy_mib is not None:
+        for d in devices:
+            need, have = 2 * (args.copy_mib << 20), available_bytes(d)  # the copy's source and destination
+            if have is not None and need > 0.8 * have:
+                raise ValueError(f"--copy-mib {args.copy_mib}: the copy needs {need / 2**30:.1f} GiB on {d}, "
+                                 f"{have / 2**30:.1f} GiB available")
     sizes = {}
     for d in devices:
         if explicit:
@@ -1011,16 +1063,16 @@ def _resolve(args):
         else:
             names = QUICK_SIZES if args.quick else DEFAULT_SIZES[d]
             sizes[d] = [Size(n, *PRESETS[n]) for n in names]
-    if args.dtypes in (None, ""):
+    if args.dtypes is None:
         dtypes = ["fp32"] if args.quick else list(DEFAULT_DTYPES)
     elif args.dtypes == "all":
         dtypes = list(DTYPES)
     else:
-        dtypes = [DTYPE_SHORT_NAMES.get(dt, dt) for dt in _split(args.dtypes, "--dtypes")]
+        dtypes = _split(args.dtypes, "--dtypes", lambda dt: DTYPE_SHORT_NAMES.get(dt, dt))
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"unknown dtype {dt!r} ({', '.join(DTYPES)})")
-    providers = _split(args.providers, "--providers") if args.providers else list(PROVIDERS)
+    providers = _split(args.providers, "--providers") if args.providers is not None else list(PROVIDERS)
     if args.no_compile:
         providers = [p for p in providers if p != "compile"]
     for p in providers:
