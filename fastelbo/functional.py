@@ -69,11 +69,12 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
       reduction: "none" | "sum" | "mean" | "batchmean" (default), see the module docstring.
       free_bits: lam >= 0 nats (Kingma et al. 2016). With lam > 0 each latent position's batch-mean
         KL kbar_j is floored at lam: the loss is sum_j max(kbar_j, lam) for "batchmean", B times
-        that for "sum", and that over the per-sample size for "mean"; positions below the floor
-        (or with a NaN kbar_j) get no KL gradient. Not defined for "none" (ValueError).
+        that for "sum", and that over the per-sample size for "mean"; positions below or at the
+        floor (or with a NaN kbar_j) get no KL gradient, as with torch.clamp(min=lam). Not defined for "none" (ValueError).
       num_samples: K >= 1 draws of z in one call.
       generator: a torch.Generator on the inputs' device; default: torch's default generator, so
-        torch.manual_seed(s) reproduces every draw bit for bit.
+        torch.manual_seed(s) reproduces every draw bit for bit (and torch.utils.checkpoint, which
+        restores only the default generators, reruns a segment with the same eps).
       eps: optional tensor of z's shape and mu's dtype used instead of drawing (validation,
         gradcheck). It is not differentiated: it must not require grad.
 
@@ -86,10 +87,17 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
     _check_tensor(logvar, "logvar", "reparameterize_kl")
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"reparameterize_kl: num_samples must be an int, got {num_samples!r}")
-    if num_samples >= 2**63:  # (the op's int64 argument; smaller bad counts are the op's to refuse)
+    # (Counts and floors beyond what the op's int64 / double arguments hold; the rest is the op's to refuse.)
+    if num_samples >= 2**63:
         raise ValueError(f"reparameterize_kl: num_samples must be below 2**63, got {num_samples}")
+    if num_samples < -2**63:
+        raise ValueError(f"reparameterize_kl: num_samples must be >= 1, got {num_samples}")
     if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
         raise TypeError(f"reparameterize_kl: free_bits must be a real number, got {free_bits!r}")
+    try:
+        free_bits = float(free_bits)
+    except OverflowError:  # an int or Fraction past the doubles
+        raise ValueError(f"reparameterize_kl: free_bits must be a finite number >= 0, got {free_bits}") from None
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"reparameterize_kl: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if eps is not None:
@@ -97,7 +105,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
         if eps.requires_grad and torch.is_grad_enabled():
             raise ValueError("reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)")
     z, kl, _rng_state, _kl_position_mean = _reparameterize_kl(mu, logvar, eps, generator, int(num_samples), code,
-                                                             float(free_bits))
+                                                             free_bits)
     return z, kl
 
 

@@ -107,7 +107,9 @@ class ELBOLoss(nn.Module):
         """(z, kl): the reparameterized sample and the reduced KL (see fastelbo.reparameterize_kl).
 
         eps: optional tensor of mu's shape used instead of drawing; eps=torch.zeros_like(mu) gives
-        z = mu exactly (the posterior mean) without touching the random stream.
+        z = mu exactly (the posterior mean) without touching the random stream, wherever
+        exp(logvar / 2) is finite (z = mu + std * 0 is NaN where it overflows: logvar > 177 in
+        float32, where the KL is infinite anyway; the reference does the same).
         """
         return self._functions.reparameterize_kl(
             mu, logvar, reduction=self.reduction, free_bits=self.free_bits,
@@ -208,7 +210,8 @@ class VAE(nn.Module):
         if sample is None:
             sample = self.training
         mu, logvar = self.encode(x)
-        # z = mu through the same op (eps = 0): exact, draws nothing, and keeps kl's gradients.
+        # z = mu through the same op (eps = 0): exact for finite exp(logvar / 2), draws nothing, and
+        # keeps kl's gradients.
         eps = None if sample else torch.zeros_like(mu)
         z, kl = self.loss_fn.sample(mu, logvar, generator=generator, eps=eps)
         x_hat = self.decoder(z)

@@ -70,6 +70,8 @@ def _reparam_cases():
          ValueError, ["eps", "require grad"]),
         ("num_samples_neg", lambda mu, lv: dict(num_samples=-2), ValueError, ["num_samples"]),
         ("num_samples_past_int64", lambda mu, lv: dict(num_samples=2**70), ValueError, ["num_samples", "2**63"]),
+        ("num_samples_below_int64", lambda mu, lv: dict(num_samples=-2**70), ValueError, ["num_samples", ">= 1"]),
+        ("free_bits_past_double", lambda mu, lv: dict(free_bits=10**400), ValueError, ["free_bits", "finite"]),
         ("free_bits_neg", lambda mu, lv: dict(free_bits=-0.1), ValueError, ["free_bits"]),
         ("free_bits_nan", lambda mu, lv: dict(free_bits=float("nan")), ValueError, ["free_bits"]),
         ("free_bits_none_reduction", lambda mu, lv: dict(free_bits=0.5, reduction="none"), ValueError,

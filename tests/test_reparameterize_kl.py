@@ -204,6 +204,29 @@ def test_free_bits_values_and_grads(device, shape, reduction, dtype, num_samples
         assert torch.equal(g[~below], g_plain[~below])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_free_bits_tie_passes_no_gradient_like_the_reference(device, reduction, dtype):
+    """A position whose batch-mean KL equals the floor exactly gets no KL gradient, as
+    torch.clamp(min=) gives none at equality in the reference; above it the plain gradient."""
+    # kl element 1/2 (mu^2 + e^0 - 1 - 0) = mu^2 / 2: column 0 exactly at the floor 0.5 (mu = 1),
+    # column 1 above it (mu = 2), column 2 below (mu = 0)
+    mu = torch.tensor([[1.0, 2.0, 0.0]] * 4, dtype=dtype, device=device)
+    logvar = torch.zeros_like(mu)
+    eps = torch.zeros_like(mu)
+    grads = {}
+    for name, f in (("fused", fastelbo.reparameterize_kl), ("reference", reference.reparameterize_kl)):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        _, kl = f(m, lv, reduction=reduction, free_bits=0.5, eps=eps)
+        kl.backward()
+        grads[name] = (m.grad, lv.grad)
+    for got, want in zip(grads["fused"], grads["reference"]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    mu_grad = grads["fused"][0]
+    assert torch.equal(mu_grad[:, 0], torch.zeros_like(mu_grad[:, 0]))  # the tie
+    assert bool((mu_grad[:, 1] > 0).all())
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(device, reduction):
     mu, logvar, eps = sample_inputs((3, 4), torch.float64, device, seed=stable_seed("gc", reduction))
