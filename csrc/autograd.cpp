@@ -109,7 +109,10 @@ struct ReparameterizeKLFunction : public torch::autograd::Function<Reparameteriz
     ctx->saved_data["num_samples"] = num_samples;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["free_bits"] = free_bits;
-    ctx->mark_non_differentiable({rng_state, kl_position_mean});
+    // rng_state and kl_position_mean are not differentiable, but are not marked so
+    // (mark_non_differentiable): compiled autograd refuses a C++ Function that marks any output
+    // (CppNode::compiled_args asserts the list is empty, torch 2.14). reparameterize_kl_autograd
+    // hands them out detached instead.
     // An unused output (z or kl) gets an undefined gradient instead of zeros: no wasted pass.
     ctx->set_materialize_grads(false);
     return {z, kl, rng_state, kl_position_mean};
@@ -142,7 +145,8 @@ ReparamKLResult reparameterize_kl_autograd(const at::Tensor& mu, const at::Tenso
                                            double free_bits) {
   variable_list out = ReparameterizeKLFunction::apply(mu, logvar, eps, generator, num_samples,
                                                       reduction, free_bits);
-  return {out[0], out[1], out[2], out[3]};
+  // rng_state and kl_position_mean detached: not differentiable (see the forward).
+  return {out[0], out[1], out[2].detach(), out[3].detach()};
 }
 
 // ---- gaussian_recon_loss ------------------------------------------------------------------------
@@ -162,9 +166,14 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = typed_op<GaussianReconLossOp>("fastelbo::gaussian_recon_loss");
     auto [loss, grad_unit] = op.call(x_hat, x, reduction, save_grad_unit);
-    ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit : at::Tensor()});
+    // Saved as a detached alias: a saved output comes back from the save with this node as its
+    // grad_fn (grad_unit is not marked non-differentiable, below), and the backward hands the
+    // buffer out as x_hat's gradient, which must not look differentiable to hooks and
+    // torch.autograd.grad.
+    ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit.detach() : at::Tensor()});
     ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({grad_unit});
+    // grad_unit is not differentiable; not marked so for compiled autograd (see
+    // ReparameterizeKLFunction): gaussian_recon_loss_autograd hands it out detached.
     // No zero-filled stand-in gradient for grad_unit (an x_hat-sized output that is never
     // differentiated) nor for an unused loss.
     ctx->set_materialize_grads(false);
@@ -210,7 +219,7 @@ struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReco
 TensorPair gaussian_recon_loss_autograd(const at::Tensor& x_hat, const at::Tensor& x,
                                         int64_t reduction, bool save_grad_unit) {
   variable_list out = GaussianReconLossFunction::apply(x_hat, x, reduction, save_grad_unit);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};  // grad_unit: not differentiable (see the forward)
 }
 
 }  // namespace

@@ -349,3 +349,81 @@ def test_compile_data_dependent_batch(backend):
             results.append((loss.detach(), x_hat.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+
+
+# ---- compiled autograd ------------------------------------------------------------------------
+
+def _loss_step(mu, logvar, x_hat, x, reduction, free_bits, num_samples):
+    """Forward (eager, drawn eps after a fixed seed) of a loss that uses z, kl and rec."""
+    torch.manual_seed(11)
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction, free_bits=free_bits,
+                                       num_samples=num_samples)
+    rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+    return (rec + 2 * kl).sum() + (z * z).sum()
+
+
+@pytest.mark.parametrize("reduction,free_bits,num_samples,x_grad", [
+    ("batchmean", 0.0, 1, False), ("sum", 0.3, 2, False), ("none", 0.0, 1, True), ("mean", 0.0, 3, True),
+], ids=["batchmean", "sum-fb-K2", "none-x-grad", "mean-K3-x-grad"])
+def test_compiled_autograd_matches_eager_backward(device, reduction, free_bits, num_samples, x_grad):
+    """The C++ autograd nodes under compiled autograd (the backward graph captured by dynamo, the
+    forward run eagerly): the same gradients, bit for bit, as the eager backward. (A node that
+    marks outputs non-differentiable fails there: CppNode asserts it marks none.)"""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    mu, logvar = sample_inputs((5, 6), torch.float32, device, seed=21, with_eps=False, requires_grad=False)
+    x_hat, x = recon_inputs((5, 3, 4), torch.float32, device, seed=22)
+    results = []
+    for compiled in (False, True):
+        leaves = [t.detach().clone().requires_grad_(i < 3 or x_grad) for i, t in enumerate((mu, logvar, x_hat, x))]
+        loss = _loss_step(*leaves, reduction, free_bits, num_samples)
+        if compiled:
+            torch._dynamo.reset()
+            # (not fullgraph: the nodes are not traceable, their backwards read the incoming
+            # gradient's value and the graph task, so compiled autograd runs them eagerly)
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        results.append([t.grad for t in leaves])
+    for eager_grad, compiled_grad in zip(*results):
+        if eager_grad is None:
+            assert compiled_grad is None
+        else:
+            assert torch.equal(compiled_grad, eager_grad)
+    assert results[0][3] is not None if x_grad else results[0][3] is None
+
+
+def test_internal_outputs_are_not_differentiable(device):
+    """The ops' bookkeeping outputs (rng_state, the free-bits batch means, the prepared x_hat
+    gradient) do not require grad, as if marked non-differentiable (which compiled autograd
+    refuses: the autograd kernels hand them out detached instead)."""
+    mu, logvar = sample_inputs((4, 6), torch.float32, device, seed=23, with_eps=False)
+    z, kl, rng_state, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, REDUCTIONS["batchmean"], 0.3)
+    assert z.requires_grad and kl.requires_grad
+    assert not rng_state.requires_grad and not position_mean.requires_grad
+    x_hat, x = recon_inputs((4, 6), torch.float32, device, seed=24)
+    loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, REDUCTIONS["batchmean"], True)
+    assert loss.requires_grad and not grad_unit.requires_grad
+    # the differentiable outputs of the same calls still are, through the batch means and buffer
+    (kl + z.sum()).backward()
+    loss.backward()
+    assert mu.grad is not None and x_hat.grad is not None
+    torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / 4)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_gradients_handed_out_are_not_differentiable(device, reduction):
+    """The gradients the nodes return (in a hook, from torch.autograd.grad) are plain tensors, with
+    no grad_fn: the prepared x_hat gradient is handed out from the saved buffer, which is an
+    output of the same node."""
+    x_hat, x = recon_inputs((4, 6), torch.float32, device, seed=25)
+    mu, logvar = sample_inputs((4, 6), torch.float32, device, seed=26, with_eps=False)
+    seen = []
+    for t in (x_hat, mu, logvar):
+        t.register_hook(lambda g: seen.append((g.requires_grad, g.grad_fn)))
+    z, kl = fastelbo.reparameterize_kl(mu, logvar, reduction=reduction,
+                                       free_bits=0.3 if reduction != "none" else 0.0)
+    rec = fastelbo.gaussian_recon_loss(x_hat, x, reduction=reduction)
+    grads = torch.autograd.grad((rec + kl).sum() + z.sum(), (x_hat, mu, logvar))
+    assert len(seen) == 3 and all(seen_one == (False, None) for seen_one in seen), seen
+    assert all(not g.requires_grad and g.grad_fn is None for g in grads)
