@@ -156,6 +156,14 @@ FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample);
 // The sample+KL kernels' lanes per chunk for num_samples draws of numel latent elements, as a
 // power of two (the shift; 0: one lane, the plain kernels); host-only, like free_bits_grid.
 int draw_lanes_shift(int64_t numel, int64_t num_samples);
+// The short-rows forward's lanes (reduction "none", samples of at most 16 windows of 4 positions):
+// window_lanes G per sample (0 when the samples are too long for it), and 2^draw_shift lanes per
+// window sharing the window's num_samples draws; host-only, like free_bits_grid.
+struct ShortRowsLanes {
+  int window_lanes = 0;
+  int draw_shift = 0;
+};
+ShortRowsLanes short_rows_lanes(int64_t batch, int64_t per_sample, int64_t num_samples);
 }  // namespace cuda
 #endif
 

@@ -472,6 +472,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Lanes per 4-element chunk of the CUDA sample+KL kernels for num_samples draws of numel latent "
       "elements (1: one thread draws them all; no GPU needed).");
+  m.def(
+      "_cuda_short_rows_lanes",
+      [](int64_t batch, int64_t per_sample, int64_t num_samples) {
+        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1 && num_samples >= 1,
+                          "_cuda_short_rows_lanes takes B >= 1, D >= 1 and num_samples >= 1");
+        const fastelbo::cuda::ShortRowsLanes lanes = fastelbo::cuda::short_rows_lanes(batch, per_sample, num_samples);
+        return std::map<std::string, int64_t>{{"window_lanes", lanes.window_lanes},
+                                              {"draw_lanes", int64_t{1} << lanes.draw_shift}};
+      },
+      "Lanes of the CUDA sample+KL forward for reduction \"none\" on B short samples of D positions: "
+      "window_lanes per sample (0: the samples are too long, the rows kernel takes them) and draw_lanes "
+      "per window sharing the num_samples draws (no GPU needed).");
 #else
   m.attr("built_with_cuda") = false;
 #endif

@@ -278,8 +278,8 @@ def one_dtype(dtype):
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
         for m, lv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
             for reduction, free_bits in ((0, 0.0), (1, 0.0), (3, 0.3)):
-                # several draws: over 2 and 4 lanes on the small latents (7 draws only there, to keep
-                # racecheck within its limit)
+                # several draws: over 2 and 4 lanes on the small latents, per chunk (flat) or per
+                # window ("none", short rows) (7 draws only there, to keep racecheck within its limit)
                 for k in ((1, 2, 7) if m.numel() < 10000 else (1, 2)):
                     z, kl, rng, pm = ops.reparameterize_kl(m, lv, None, None, k, reduction, free_bits)
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)

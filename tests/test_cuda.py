@@ -182,6 +182,10 @@ CASES = [
     # many draws on a small latent: the draws over lanes (32 lanes, 4 with a ragged last chunk)
     ((128, 20), "batchmean", 0.0, 50),
     ((33, 29), "sum", 0.0, 7),
+    # and for "none" on short samples: 4 lanes per window (8 windows of a 4-aligned sample, 8 of
+    # a sample of 29 positions, windows straddling Philox groups)
+    ((128, 20), "none", 0.0, 50),
+    ((33, 29), "none", 0.0, 7),
 ]
 
 
@@ -191,6 +195,9 @@ def test_many_draw_cases_take_the_draws_over_lanes():
     lanes = {(shape, k): fastelbo._C._cuda_draw_lanes(shape[0] * shape[1], k)
              for shape, reduction, free_bits, k in CASES if reduction != "none" and free_bits == 0}
     assert max(lanes.values()) == 32 and any(1 < v < 32 for v in lanes.values()), lanes
+    window_lanes = [fastelbo._C._cuda_short_rows_lanes(*shape, k)["draw_lanes"]
+                    for shape, reduction, _, k in CASES if reduction == "none" and k > 2]
+    assert window_lanes and min(window_lanes) == 4, window_lanes
 
 
 def test_free_bits_cases_take_both_columns_kernels():
@@ -765,13 +772,16 @@ SHORT_ROW_SHAPES = [((20000, 3), (20000, 5)), ((3000, 64), (3000, 64)), ((128, 2
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
-@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("num_samples", [1, 2, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("shapes", SHORT_ROW_SHAPES, ids=["1-window", "16-windows", "mnist-latent"])
 def test_spread_switch_keeps_the_bits_of_short_rows(shapes, dtype, num_samples, aligned):
     """reduction="none" on short samples: the short-rows kernels give every per-sample sum, z and
-    the prepared gradient the bits the rows kernels give (FASTELBO_CUDA_SPREAD=0)."""
+    the prepared gradient the bits the rows kernels give (FASTELBO_CUDA_SPREAD=0), also with the
+    draws of a window shared by several lanes."""
     (B, Z), data_shape = shapes
+    if num_samples > 1:
+        assert fastelbo._C._cuda_short_rows_lanes(B, Z, num_samples)["draw_lanes"] > 1
     mu, logvar = randn((B, Z), dtype, seed=1), randn((B, Z), dtype, seed=2, scale=0.6)
     x_hat, x = randn(data_shape, dtype, seed=3), randn(data_shape, dtype, seed=4)
     if not aligned:

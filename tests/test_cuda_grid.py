@@ -151,3 +151,41 @@ def test_validate_reaches_every_sample_and_kl_launch_shape(spread_switch_on):
     rng_splits = {fastelbo._C._cuda_free_bits_grid(shape[0], math.prod(shape[1:]))["row_splits"]
                   for shape in validate.RNG_BACKWARD_SHAPES}
     assert 1 in rng_splits and max(rng_splits) > 1, rng_splits
+
+
+SHORT_ROW_CASES = [(B, D, K) for B in (1, 3, 128, 20000, 2**21) for D in (1, 3, 4, 20, 29, 64, 65, 1000)
+                   for K in (1, 2, 3, 7, 50)]
+
+
+@pytest.mark.parametrize("batch,per_sample,num_samples", SHORT_ROW_CASES,
+                         ids=[f"{b}x{d}-K{k}" for b, d, k in SHORT_ROW_CASES])
+def test_short_rows_lanes_fit_a_warp_and_a_wave(spread_switch_on, batch, per_sample, num_samples):
+    """reduction "none": samples of at most 16 windows of 4 get a power of two >= their windows of
+    lanes (longer ones the rows kernel: 0); the window's draws are shared by a power of two of
+    lanes, at most the draws, with a sample's lanes within a warp and all of them within a wave;
+    one draw keeps one lane."""
+    got = fastelbo._C._cuda_short_rows_lanes(batch, per_sample, num_samples)
+    g, q = got["window_lanes"], got["draw_lanes"]
+    windows = math.ceil(per_sample / 4)
+    if windows > 16:
+        assert got == {"window_lanes": 0, "draw_lanes": 1}
+        return
+    assert g in (1, 2, 4, 8, 16) and g >= windows and (g == 1 or g < 2 * windows), got
+    assert q in (1, 2, 4, 8, 16, 32) and q <= num_samples and g * q <= 32, got
+    assert q == 1 or batch * g * q <= WAVE_THREADS, got
+
+
+def test_short_samples_share_many_draws():
+    """mnist's latent (128 x 20: 5 windows, 8 lanes) with 50 draws: 4 lanes per window (a warp per
+    sample); a tall batch that fills a wave keeps one lane per window; the spread switch off, no
+    short-rows kernel at all."""
+    previous = fastelbo._C._set_cuda_spread(True)
+    try:
+        assert fastelbo._C._cuda_short_rows_lanes(128, 20, 50) == {"window_lanes": 8, "draw_lanes": 4}
+        assert fastelbo._C._cuda_short_rows_lanes(20000, 3, 8) == {"window_lanes": 1, "draw_lanes": 4}
+        assert fastelbo._C._cuda_short_rows_lanes(2**21, 3, 8)["draw_lanes"] == 1
+        assert fastelbo._C._cuda_short_rows_lanes(128, 20, 1)["draw_lanes"] == 1
+        fastelbo._C._set_cuda_spread(False)
+        assert fastelbo._C._cuda_short_rows_lanes(128, 20, 50) == {"window_lanes": 0, "draw_lanes": 1}
+    finally:
+        fastelbo._C._set_cuda_spread(previous)

@@ -64,8 +64,8 @@ struct ForwardParams {
   int64_t windows_per_tile;  // rows kernel
   int col_windows;           // columns kernels: windows per block row (TW)
   int64_t row_splits;        // columns split kernel: S splits of the batch
-  int row_lanes;             // short rows kernel: G lanes per sample
-  int draw_lanes_shift;      // draws kernels: 2^shift lanes per chunk
+  int row_lanes;             // short rows kernel: G lanes per sample (one per window)
+  int draw_lanes_shift;      // draws kernels: 2^shift lanes per chunk; short rows kernel: per window
 };
 
 // The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
@@ -161,20 +161,22 @@ __device__ __forceinline__ void sample_run(const ForwardParams<scalar_t>& p, uin
   }
 }
 
-// A 4-position window of one sample, at flat index i0 with `count` (1..4) positions in the sample;
-// picks the vector / group-aligned variant. Sample sizes that are a multiple of 4 never have a
-// partial window, so the variants are: vector, scalar aligned (unaligned pointers), scalar
-// straddling (odd sample sizes).
+// A 4-position window of one sample, at flat index i0 with `count` (1..4) positions in the sample,
+// draws first_draw, first_draw + draw_step, ... (all of them by default; see sample_run); picks
+// the vector / group-aligned variant. Sample sizes that are a multiple of 4 never have a partial
+// window, so the variants are: vector, scalar aligned (unaligned pointers), scalar straddling (odd
+// sample sizes).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void sample_window(const ForwardParams<scalar_t>& p, uint64_t seed,
                                               uint64_t offset, int64_t i0, int count,
-                                              acc_t (&kl)[kWindow]) {
+                                              acc_t (&kl)[kWindow], int64_t first_draw = 0,
+                                              int64_t draw_step = 1) {
   if (p.vec) {  // implies per_sample % 4 == 0 and aligned pointers
-    sample_run<true, true>(p, seed, offset, i0, count, kl);
+    sample_run<true, true>(p, seed, offset, i0, count, kl, first_draw, draw_step);
   } else if (p.per_sample % 4 == 0) {
-    sample_run<false, true>(p, seed, offset, i0, count, kl);
+    sample_run<false, true>(p, seed, offset, i0, count, kl, first_draw, draw_step);
   } else {
-    sample_run<false, false>(p, seed, offset, i0, count, kl);
+    sample_run<false, false>(p, seed, offset, i0, count, kl, first_draw, draw_step);
   }
 }
 
@@ -300,6 +302,11 @@ __device__ __forceinline__ int window_count(int64_t j0, int64_t d) {
 // pass. Each sample's sum has the bits the rows kernel gives it: lane w adds window w's 4 values in
 // order, and the butterfly over the G lanes adds what the warp's butterfly adds (there the lanes
 // past G add zeros, exactly).
+// With several draws (K > 1) each window has Q = 2^draw_lanes_shift lanes, lane w * Q + q taking
+// draws q, q + Q, ... of window w (Q = 1: one lane takes all K, one after another). Only lane q = 0
+// adds the window's KL; the others add zeros. The group_sum's butterfly first adds lanes Q, 2Q, ...
+// apart, which is the window butterfly above on the q = 0 lanes (and zeros on the others), then
+// the zeros of the q > 0 lanes: the same bits again.
 constexpr int64_t kMaxShortRowWindows = 16;
 
 template <typename scalar_t>
@@ -309,15 +316,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
   const int64_t d = p.per_sample;
-  short_rows_sums(p.kl, p.batch, p.row_lanes, [&](int64_t b, int lane) {  // lane w: window w
-    const int64_t j0 = static_cast<int64_t>(lane) * kWindow;
+  const int shift = p.draw_lanes_shift;
+  short_rows_sums(p.kl, p.batch, p.row_lanes << shift, [&](int64_t b, int lane) {  // lane w * Q + q
+    const int q = lane & ((1 << shift) - 1);
+    const int64_t j0 = static_cast<int64_t>(lane >> shift) * kWindow;
     const int count = window_count(j0, d);
     acc_t sum = 0;
     if (count > 0) {
       acc_t kl[kWindow];
-      sample_window(p, seed, offset, b * d + j0, count, kl);
+      sample_window(p, seed, offset, b * d + j0, count, kl, q, int64_t{1} << shift);
+      if (q == 0) {
 #pragma unroll
-      for (int e = 0; e < kWindow; ++e) sum += kl[e];
+        for (int e = 0; e < kWindow; ++e) sum += kl[e];
+      }
     }
     return sum;
   });
@@ -725,20 +736,37 @@ FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample) {
   return grid;
 }
 
-// Lanes per chunk (as a power of two: the shift) of the sample+KL kernels' draws over lanes: a
-// small latent with many draws gives each thread of the plain kernels one chunk's K draws in a
-// row; 2^shift lanes per chunk (up to K and 32) take every 2^shift-th draw instead, while the
-// chunks times the lanes stay within one wave of kThreads-thread blocks. 0: the plain kernels (one
-// draw, the spread switch off, or a latent that fills the GPU by itself).
-int draw_lanes_shift(int64_t numel, int64_t num_samples) {
+// Lanes (as a power of two: the shift) that share the K draws of one unit of work (a chunk, or a
+// short sample's window) which one thread would otherwise draw in a row: up to K and max_lanes,
+// while the units times the lanes stay within one wave of kThreads-thread blocks. 0: one lane (one
+// draw, the spread switch off, or units that fill the GPU by themselves).
+namespace {
+int spread_draws_shift(int64_t units, int64_t num_samples, int64_t max_lanes) {
   if (num_samples < 2 || !cuda_spread_enabled()) return 0;
-  const int64_t chunks = ceil_div(numel, kChunk);
   int shift = 0;
-  while ((int64_t{2} << shift) <= std::min<int64_t>(num_samples, 32) &&
-         (chunks << (shift + 1)) <= kMaxBlocks * kThreads) {
+  while ((int64_t{2} << shift) <= std::min(num_samples, max_lanes) &&
+         (units << (shift + 1)) <= kMaxBlocks * kThreads) {
     ++shift;
   }
   return shift;
+}
+}  // namespace
+
+// The flat kernels' draws over lanes (a small latent with many draws): up to 32 lanes per chunk.
+int draw_lanes_shift(int64_t numel, int64_t num_samples) {
+  return spread_draws_shift(ceil_div(numel, kChunk), num_samples, 32);
+}
+
+// The short-rows kernel: G lanes per sample (a power of two >= its windows), and lanes per window
+// for the draws while a sample's lanes stay within a warp (group_sum).
+ShortRowsLanes short_rows_lanes(int64_t batch, int64_t per_sample, int64_t num_samples) {
+  const int64_t windows = ceil_div(per_sample, kWindow);
+  ShortRowsLanes lanes;
+  if (windows > kMaxShortRowWindows || !cuda_spread_enabled()) return lanes;
+  lanes.window_lanes = 1;
+  while (lanes.window_lanes < windows) lanes.window_lanes *= 2;
+  lanes.draw_shift = spread_draws_shift(batch * lanes.window_lanes, num_samples, 32 / lanes.window_lanes);
+  return lanes;
 }
 
 namespace {
@@ -763,12 +791,13 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
       launch_reducing_kernel<reparam_kl_forward_columns_split_kernel<scalar_t>>(
           grid.blocks, kThreads, d * grid.row_splits, false, p, mu.options(), stream);
     }
-  } else if (reduction == kNone && windows <= kMaxShortRowWindows && cuda_spread_enabled()) {
-    int lanes = 1;
-    while (lanes < windows) lanes *= 2;
-    p.row_lanes = lanes;
+  } else if (const ShortRowsLanes lanes = short_rows_lanes(batch, d, k);
+             reduction == kNone && lanes.window_lanes > 0) {
+    p.row_lanes = lanes.window_lanes;
+    p.draw_lanes_shift = lanes.draw_shift;
     p.vec = windows_vec;
-    const int64_t blocks = std::min<int64_t>(ceil_div(batch, kThreads / lanes), kMaxBlocks);
+    const int64_t blocks =
+        std::min<int64_t>(ceil_div(batch, kThreads / (lanes.window_lanes << lanes.draw_shift)), kMaxBlocks);
     launch_on_grid<reparam_kl_forward_short_rows_kernel<scalar_t>>(FlatGrid{blocks, kThreads}, stream, p);
   } else if (reduction == kNone) {
     const RowsGrid grid = rows_grid(batch, windows, 1);
