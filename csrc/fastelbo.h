@@ -143,16 +143,17 @@ namespace cuda {
 // launched as on `device` (tests check that Hopper GPUs do get the cluster path).
 int64_t recon_forward_cluster_capacity(int device);
 int64_t reparam_kl_forward_cluster_capacity(int device);
-// The launch shape of the free-bits (columns) forward for B samples of D positions; host-only,
-// a function of the shape alone and of the free-bits split switch (tests check its invariants
-// without a GPU).
+// The launch shape of the free-bits (columns) forward for B samples of D positions and
+// num_samples draws; host-only, a function of the shape alone and of the spread switch (tests
+// check its invariants without a GPU).
 struct FreeBitsGrid {
   int col_windows = 1;         // TW windows of 4 positions per block
   int64_t col_tiles = 1;       // tiles of TW windows covering the D positions
   int64_t row_splits = 1;      // S: 1 = every block adds the whole batch (columns kernel)
   int64_t blocks = 1;
+  int draw_shift = 0;          // 2^draw_shift lanes share each sample's num_samples draws
 };
-FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample);
+FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample, int64_t num_samples = 1);
 // The sample+KL kernels' lanes per chunk for num_samples draws of numel latent elements, as a
 // power of two (the shift; 0: one lane, the plain kernels); host-only, like free_bits_grid.
 int draw_lanes_shift(int64_t numel, int64_t num_samples);

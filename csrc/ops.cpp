@@ -455,15 +455,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "use on a CUDA device.");
   m.def(
       "_cuda_free_bits_grid",
-      [](int64_t batch, int64_t per_sample) {
-        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1, "_cuda_free_bits_grid takes B >= 1 and D >= 1");
-        const fastelbo::cuda::FreeBitsGrid grid = fastelbo::cuda::free_bits_grid(batch, per_sample);
+      [](int64_t batch, int64_t per_sample, int64_t num_samples) {
+        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1 && num_samples >= 1,
+                          "_cuda_free_bits_grid takes B >= 1, D >= 1 and num_samples >= 1");
+        const fastelbo::cuda::FreeBitsGrid grid = fastelbo::cuda::free_bits_grid(batch, per_sample, num_samples);
         return std::map<std::string, int64_t>{{"col_windows", grid.col_windows},
                                               {"col_tiles", grid.col_tiles},
                                               {"row_splits", grid.row_splits},
-                                              {"blocks", grid.blocks}};
+                                              {"blocks", grid.blocks},
+                                              {"draw_lanes", int64_t{1} << grid.draw_shift}};
       },
-      "The launch shape of the CUDA free-bits forward for B samples of D positions (no GPU needed).");
+      "The launch shape of the CUDA free-bits forward for B samples of D positions and num_samples "
+      "draws (draw_lanes: lanes sharing each sample's draws; no GPU needed).",
+      pybind11::arg("batch"), pybind11::arg("per_sample"), pybind11::arg("num_samples") = 1);
   m.def(
       "_cuda_draw_lanes",
       [](int64_t numel, int64_t num_samples) {

@@ -14,8 +14,8 @@ same run:
 - num_samples K > 1 (IWAE-style draws) on small latents: the sample+KL step. Each thread of the
   sample+KL kernels drew its elements' K normals one draw after another (and the backward
   regenerated them so), so a small latent with many draws was one long chain per thread; now the
-  draws go over lanes (per 4-element chunk; for "none" on short samples, per window of a sample).
-  With and without the spread, and the reference.
+  draws go over lanes (per 4-element chunk; for "none" on short samples, per window of a sample;
+  with free bits, per sample). With and without the spread, and the reference.
 
 Kernel time per step from torch.profiler (fastelbo.bench.profile_kernels) and the host-inclusive
 median step time, in microseconds.
@@ -38,6 +38,7 @@ FREE_BITS_SHAPES = [(128, 20), (1024, 20), (4096, 20), (65536, 20), (2**20, 4), 
 NONE_SHAPES = [(65536, 20), (2**21, 1), (65536, 64), (4096, 784)]
 DRAWS = [(128, 20, 1), (128, 20, 8), (128, 20, 50), (128, 64, 50), (1024, 64, 50)]
 NONE_DRAWS = [(128, 20, 50), (4096, 20, 8)]  # reduction "none": the short-rows kernel's draws over lanes
+FREE_BITS_DRAWS = [(128, 20, 50), (4096, 20, 8)]  # free bits: the columns kernels' draws over lanes
 
 
 def timed(step, args, device, sync):
@@ -127,8 +128,11 @@ def draws_table(args, device, sync):
     print("num_samples K, sample+KL fwd+bwd: kernel us / step us; fastelbo spread (default), "
           "plain (FASTELBO_CUDA_SPREAD=0), plain PyTorch")
     print(f"{'B':>8} {'D':>5} {'K':>4} {'reduction':>9} {'lanes':>5}  " + "  ".join(f"{n:>17}" for n, _, _ in PROVIDERS))
-    cases = [(B, D, K, "batchmean") for B, D, K in args.draws] + [(B, D, K, "none") for B, D, K in args.none_draws]
-    for B, D, K, reduction in cases:
+    cases = ([(B, D, K, "batchmean", 0.0) for B, D, K in args.draws]
+             + [(B, D, K, "none", 0.0) for B, D, K in args.none_draws]
+             + [(B, D, K, "fb", args.free_bits) for B, D, K in args.free_bits_draws])
+    for B, D, K, label, free_bits in cases:
+        reduction = "batchmean" if label == "fb" else label
         mu, logvar = latent((B, D), device)
         grad_z = tensors((K, B, D) if K > 1 else (B, D), device, 1)[0]
         row = {}
@@ -137,19 +141,21 @@ def draws_table(args, device, sync):
 
             def step(module=module):
                 mu.grad = logvar.grad = None
-                z, kl = module.reparameterize_kl(mu, logvar, num_samples=K, reduction=reduction)
+                z, kl = module.reparameterize_kl(mu, logvar, num_samples=K, reduction=reduction, free_bits=free_bits)
                 torch.autograd.backward((z, kl), (grad_z, torch.ones_like(kl) if reduction == "none" else None))
 
             row[name] = timed(step, args, device, sync)
         fastelbo._C._set_cuda_spread(True)
         if device != "cuda":
             lanes = 0
-        elif reduction == "none":  # the forward's lanes per window (the backward's per chunk)
+        elif label == "none":  # the forward's lanes per window (the backward's per chunk)
             lanes = fastelbo._C._cuda_short_rows_lanes(B, D, K)["draw_lanes"]
+        elif label == "fb":  # the forward's lanes per sample
+            lanes = fastelbo._C._cuda_free_bits_grid(B, D, K)["draw_lanes"]
         else:
             lanes = fastelbo._C._cuda_draw_lanes(B * D, K)
         cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n, _, _ in PROVIDERS)
-        print(f"{B:>8} {D:>5} {K:>4} {reduction:>9} {lanes:>5}  {cells}")
+        print(f"{B:>8} {D:>5} {K:>4} {label:>9} {lanes:>5}  {cells}")
 
 
 def main():
@@ -166,6 +172,8 @@ def main():
                         help="B,D,K triples (reduction batchmean)")
     parser.add_argument("--none-draws", nargs="*", default=NONE_DRAWS, type=lambda s: tuple(map(int, s.split(","))),
                         help="B,D,K triples (reduction none)")
+    parser.add_argument("--free-bits-draws", nargs="*", default=FREE_BITS_DRAWS,
+                        type=lambda s: tuple(map(int, s.split(","))), help="B,D,K triples (batchmean, --free-bits)")
     args = parser.parse_args()
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -285,8 +285,9 @@ def one_dtype(dtype):
                     grad_z, grad_kl = torch.randn_like(z), torch.ones_like(kl)
                     ops.reparameterize_kl_backward(grad_z, grad_kl, m, lv, None, rng, pm, k, reduction, free_bits)
                     ops.reparameterize_kl_backward(None, grad_kl, m, lv, z, rng, pm, k, reduction, free_bits)
-    # tall batches: free bits with the batch split over 5 and 2 blocks per tile of positions, and
-    # "none" with several short samples per warp
+    # tall batches: free bits with the batch split over 5 and 2 blocks per tile of positions (10
+    # and 3 with 2 draws, each sample's shared by 2 lanes), and "none" with several short samples
+    # per warp
     for shape in ((600, 20), (700, 3)):
         mu = torch.randn(shape, device="cuda", dtype=dtype)
         logvar = 0.5 * torch.randn(shape, device="cuda", dtype=dtype)
@@ -298,10 +299,12 @@ def one_dtype(dtype):
                                                    reduction, free_bits)
         for xh, xv in ((mu, logvar), (unaligned(mu), unaligned(logvar))):
             ops.gaussian_recon_loss(xh, xv, 0, True)
-    # many draws on a small latent: 32 lanes per chunk
+    # many draws on a small latent: 32 lanes per chunk; with free bits, 32 lanes per sample
     mu = torch.randn(64, 20, device="cuda", dtype=dtype)
-    z, kl, rng, pm = ops.reparameterize_kl(mu, 0.5 * mu, None, None, 50, 3, 0.0)
-    ops.reparameterize_kl_backward(torch.randn_like(z), torch.ones_like(kl), mu, 0.5 * mu, None, rng, pm, 50, 3, 0.0)
+    for free_bits in (0.0, 0.3):
+        z, kl, rng, pm = ops.reparameterize_kl(mu, 0.5 * mu, None, None, 50, 3, free_bits)
+        ops.reparameterize_kl_backward(torch.randn_like(z), torch.ones_like(kl), mu, 0.5 * mu, None, rng, pm, 50, 3,
+                                       free_bits)
     # (8, 300): one block (float, 16-bit); (8, 3001): a 16-block small grid (a cluster on sm_90);
     # (8, 80001): a big grid (ticket) of large blocks, 512 threads (float32, float64) or 256 (16-bit).
     for size in (300, 3001, 80001):

@@ -186,6 +186,8 @@ CASES = [
     # a sample of 29 positions, windows straddling Philox groups)
     ((128, 20), "none", 0.0, 50),
     ((33, 29), "none", 0.0, 7),
+    # and for free bits: 32 lanes per sample, the batch's 4096 items split over 64 blocks
+    ((128, 20), "batchmean", 0.1, 50),
 ]
 
 
@@ -203,9 +205,10 @@ def test_many_draw_cases_take_the_draws_over_lanes():
 def test_free_bits_cases_take_both_columns_kernels():
     """The free-bits cases above run the columns kernel alone (small batches) and the split
     kernel (tall batches), so test_reparameterize_kl_cuda_matches_cpu checks both."""
-    splits = [fastelbo._C._cuda_free_bits_grid(shape[0], shape[1])["row_splits"]
-              for shape, _, free_bits, _ in CASES if free_bits > 0]
+    grids = [fastelbo._C._cuda_free_bits_grid(shape[0], shape[1], k) for shape, _, free_bits, k in CASES if free_bits > 0]
+    splits = [grid["row_splits"] for grid in grids]
     assert min(splits) == 1 and max(splits) > 1, splits
+    assert max(grid["draw_lanes"] for grid in grids) == 32, grids  # and the draws over lanes
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset1"])
@@ -730,28 +733,39 @@ def _sample_kl_step(mu, logvar, grad_z, num_samples, free_bits):
 
 
 # (batch, positions) whose free-bits forward is split over more blocks (tests/test_cuda_grid.py):
-# 32 splits of 20 positions, 128 of 3 (one window per block), 8 of 37 (a ragged last window).
+# 32 splits of 20 positions, 128 of 3 (one window per block), 8 of 37 (a ragged last window);
+# with several draws, each sample's draws shared by 2 lanes; and many draws on small batches,
+# (128, 20) with K = 50 (32 lanes per sample) and (1000, 37) with K = 7 (4 lanes).
 FREE_BITS_SPLIT_SHAPES = [(4096, 20), (2**16, 3), (1000, 37)]
+FREE_BITS_SPLIT_CASES = ([(shape, k) for shape in FREE_BITS_SPLIT_SHAPES for k in (1, 2)]
+                         + [((128, 20), 50), ((1000, 37), 7)])
 
 
-@pytest.mark.parametrize("num_samples", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("shape", FREE_BITS_SPLIT_SHAPES, ids=[f"{b}x{d}" for b, d in FREE_BITS_SPLIT_SHAPES])
+@pytest.mark.parametrize("shape,num_samples", FREE_BITS_SPLIT_CASES,
+                         ids=[f"{b}x{d}-K{k}" for (b, d), k in FREE_BITS_SPLIT_CASES])
 def test_free_bits_split_switch_keeps_the_values(shape, dtype, num_samples):
-    """FASTELBO_CUDA_SPREAD=0 (_set_cuda_spread(False)) gives each block of
-    positions the whole batch again: z, the RNG state and the gradients are the same bits (no
-    position's batch mean is within rounding of the floor: mu's scale grows along the positions,
-    so some are floored and some not), and both ways' per-position means and floored loss agree
-    with float64 math."""
+    """FASTELBO_CUDA_SPREAD=0 (_set_cuda_spread(False)) gives each block of positions the whole
+    batch again, a lane drawing all of a sample's draws. z and the RNG state are the same bits;
+    so are the gradients where the backward takes at most 2 lanes per chunk, else they agree to
+    rounding (no position's batch mean is within rounding of the floor: mu's scale grows along
+    the positions, so some are floored and some not). Both ways' per-position means and floored
+    loss agree with float64 math."""
     B, D = shape
     free_bits = 0.5
-    assert fastelbo._C._cuda_free_bits_grid(B, D)["row_splits"] > 1
+    grid = fastelbo._C._cuda_free_bits_grid(B, D, num_samples)
+    assert grid["row_splits"] > 1 and (num_samples == 1 or grid["draw_lanes"] > 1), grid
     mu = randn((B, D), dtype, seed=1) * torch.linspace(0.1, 2.0, D, device="cuda").to(dtype)
     logvar = randn((B, D), dtype, seed=2, scale=0.6)
     grad_z = randn((num_samples, B, D) if num_samples > 1 else (B, D), dtype, seed=5)
     results = _both_ways("_set_cuda_spread", lambda: _sample_kl_step(mu, logvar, grad_z, num_samples, free_bits))
-    for name in ("z", "rng_state", "grad_mu", "grad_logvar"):
+    for name in ("z", "rng_state"):
         assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the split off"
+    for name in ("grad_mu", "grad_logvar"):
+        if fastelbo._C._cuda_draw_lanes(B * D, num_samples) <= 2:  # the backward adds the same terms in order
+            assert torch.equal(results[True][name], results[False][name]), f"{name}: differs with the split off"
+        else:  # the backward's draws over lanes add the K terms in another order (test_spread_switch_keeps_the_draws)
+            assert_agree(results[True][name], results[False][name], name)
     mu64, logvar64 = mu.double(), logvar.double()
     want_mean = (0.5 * (mu64**2 + logvar64.exp() - 1 - logvar64)).mean(0)
     assert (want_mean < free_bits).any() and (want_mean > free_bits).any()

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 THREADS = 128          # kThreads, csrc/cuda/cuda_common.cuh: the columns kernels' block
 MAX_BLOCKS = 132 * 8   # kMaxBlocks: one wave of 8 blocks on each of the H100's / H200's 132 SMs
+WAVE_THREADS = MAX_BLOCKS * THREADS  # one wave of 128-thread blocks
 
 SHAPES = [(B, D) for B in (1, 2, 31, 128, 129, 1000, 4096, 65536, 2**22)
           for D in (1, 3, 4, 20, 37, 256, 1000, 4096, 16389)]
@@ -35,27 +36,32 @@ def spread_switch_on():
 
 
 def lanes_and_rows(grid, batch):
-    """Lanes per block, and the most samples one lane adds."""
+    """Lanes per block, and the most items (a sample's share of its draws) one lane adds."""
     lanes = THREADS // grid["col_windows"]
-    return lanes, math.ceil(batch / (grid["row_splits"] * lanes))
+    return lanes, math.ceil(batch * grid["draw_lanes"] / (grid["row_splits"] * lanes))
 
 
+@pytest.mark.parametrize("num_samples", [1, 8])
 @pytest.mark.parametrize("batch,per_sample", SHAPES, ids=[f"{b}x{d}" for b, d in SHAPES])
-def test_free_bits_grid_covers_every_position_and_sample(spread_switch_on, batch, per_sample):
+def test_free_bits_grid_covers_every_position_and_sample(spread_switch_on, batch, per_sample, num_samples):
     """The tiles cover the positions with no empty tile, the grid fits one wave, and every split
-    of the batch has samples (split r's lanes start at sample r * lanes)."""
-    grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample)
-    tw, tiles, splits = grid["col_windows"], grid["col_tiles"], grid["row_splits"]
+    of the batch's items (B x the lanes sharing a sample's draws) has items (split r's lanes start
+    at item r * lanes); the lanes per sample are a power of two, at most the draws and 32, and
+    within a wave with the samples' windows."""
+    grid = fastelbo._C._cuda_free_bits_grid(batch, per_sample, num_samples)
+    tw, tiles, splits, q = grid["col_windows"], grid["col_tiles"], grid["row_splits"], grid["draw_lanes"]
     windows = math.ceil(per_sample / 4)
     assert tw in (1, 2, 4, 8, 16, 32), grid
     assert (tiles - 1) * tw < windows <= tiles * tw, grid
     assert 1 <= grid["blocks"] <= MAX_BLOCKS, grid
+    assert q in (1, 2, 4, 8, 16, 32) and q <= num_samples, grid
+    assert q == 1 or batch * windows * q <= WAVE_THREADS, grid
     lanes, _ = lanes_and_rows(grid, batch)
     if splits == 1:
         assert grid["blocks"] == min(tiles, MAX_BLOCKS), grid
     else:
         assert grid["blocks"] == tiles * splits, grid
-        assert (splits - 1) * lanes < batch, grid
+        assert (splits - 1) * lanes < batch * q, grid
 
 
 @pytest.mark.parametrize("batch,per_sample", [(65536, 20), (2**22, 1), (2**20, 4), (4096, 20), (1000, 37)])
@@ -93,13 +99,14 @@ def test_split_switch_turns_the_split_off(spread_switch_on):
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match="B >= 1 and D >= 1"):
+    with pytest.raises(ValueError, match="B >= 1, D >= 1 and num_samples >= 1"):
         fastelbo._C._cuda_free_bits_grid(0, 20)
+    with pytest.raises(ValueError, match="num_samples >= 1"):
+        fastelbo._C._cuda_free_bits_grid(1, 20, 0)
 
 
 # ---- the sample+KL kernels' draws over lanes (num_samples > 1) ----------------------------------
 
-WAVE_THREADS = MAX_BLOCKS * THREADS  # one wave of 128-thread blocks
 
 
 @pytest.mark.parametrize("numel", [1, 4, 2560, 8192, 65536, 2**17, 2**20])
@@ -189,3 +196,16 @@ def test_short_samples_share_many_draws():
         assert fastelbo._C._cuda_short_rows_lanes(128, 20, 50) == {"window_lanes": 0, "draw_lanes": 1}
     finally:
         fastelbo._C._set_cuda_spread(previous)
+
+
+def test_free_bits_with_many_draws_share_them_over_lanes(spread_switch_on):
+    """mnist's latent with free bits and 50 draws: each lane drew 4 samples' 50 draws one after
+    another (200 chains); now 32 lanes share a sample's draws and the batch's items are split
+    over 64 blocks: 4 items of at most 2 draws per lane. One draw keeps the grid it had."""
+    grid = fastelbo._C._cuda_free_bits_grid(128, 20, 50)
+    assert grid["draw_lanes"] == 32 and grid["blocks"] == 64, grid
+    _, items = lanes_and_rows(grid, 128)
+    assert items * math.ceil(50 / grid["draw_lanes"]) <= 8, (grid, items)
+    one = fastelbo._C._cuda_free_bits_grid(128, 20, 1)
+    assert one == fastelbo._C._cuda_free_bits_grid(128, 20) and one["draw_lanes"] == 1
+    assert one["row_splits"] == 1, one

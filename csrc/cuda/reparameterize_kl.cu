@@ -65,7 +65,8 @@ struct ForwardParams {
   int col_windows;           // columns kernels: windows per block row (TW)
   int64_t row_splits;        // columns split kernel: S splits of the batch
   int row_lanes;             // short rows kernel: G lanes per sample (one per window)
-  int draw_lanes_shift;      // draws kernels: 2^shift lanes per chunk; short rows kernel: per window
+  int draw_lanes_shift;      // draws kernels: 2^shift lanes per chunk; short rows kernel: per window;
+                             // columns kernels: per sample (tile_column_sums' items)
 };
 
 // The 4 normals of elements [i0, i0 + 4) of draw stream `stream`. kGroupAligned: i0 % 4 == 0, so
@@ -341,11 +342,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 // of few positions is split over more blocks (the split kernel below). All orders fixed by the
 // shape.
 
-// The sums over samples first_row, first_row + row_step, ... (first_row < row_step) of the
-// positions of one window per TW: thread (x, y) covers window x's positions j0 .. j0 + count - 1
-// (count 0: past the last window) as lane y, adding samples first_row + y, first_row + y +
-// row_step, ... in order with Kahan's compensated summation; then the TB lane sums of each
-// position are added pairwise (lane l + TB/2 onto lane l, and so on). On return lane_sums[x][e] holds position j0 + e's sum, for thread y == 0, which
+// The sums over samples of the positions of one window per TW. The batch is walked as B x Q items
+// (Q = 2^draw_lanes_shift; 1 unless several draws spread over lanes): item i is sample i / Q's
+// draws i % Q, i % Q + Q, ... of the window (sample_run), and only the items with i % Q == 0 add
+// the sample's KL. Thread (x, y) covers window x's positions j0 .. j0 + count - 1 (count 0: past
+// the last window) as lane y, taking items first_row + y, first_row + y + row_step, ...
+// (first_row < row_step) and adding their KL in order with Kahan's compensated summation; then
+// the TB lane sums of each position are added pairwise (lane l + TB/2 onto lane l, and so on). On
+// return lane_sums[x][e] holds position j0 + e's sum, for thread y == 0, which
 // wrote it (no barrier needed to read it). Every thread of the block must call it: it has two
 // barriers, the first of which lets a caller reuse lane_sums from one call to the next. (A lane's
 // running sum over a large batch loses digits: on the CPU B = 2^24 rows of 0.1 came out 15% off in
@@ -360,12 +364,15 @@ __device__ __forceinline__ void tile_column_sums(const ForwardParams<scalar_t>& 
   const int64_t d = p.per_sample;
   const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;  // both powers of two
   const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
+  const int shift = p.draw_lanes_shift;
   acc_t col[kWindow] = {};
   if (count > 0) {
     acc_t lost[kWindow] = {};  // Kahan: what the rounding of col dropped, subtracted next time
-    for (int64_t b = first_row + y; b < p.batch; b += row_step) {
+    for (int64_t i = first_row + y; i < (p.batch << shift); i += row_step) {
+      const int64_t b = i >> shift, q = i & ((int64_t{1} << shift) - 1);
       acc_t kl[kWindow];
-      sample_window(p, seed, offset, b * d + j0, count, kl);
+      sample_window(p, seed, offset, b * d + j0, count, kl, q, int64_t{1} << shift);
+      if (q != 0) continue;  // the sample's KL is its q = 0 item's
 #pragma unroll
       for (int e = 0; e < kWindow; ++e) {
         const acc_t term = kl[e] - lost[e];
@@ -712,30 +719,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
 
 }  // namespace
 
-// Columns (free bits): TW windows per block; narrower tiles (more lanes over the batch, more
-// blocks) while the grid is small and the batch can feed the lanes. A lane that would still add
-// more than kColumnRowsPerLane samples has the batch split over up to kMaxBlocks blocks in all
-// (the split kernel), with at most kMaxColumnPartials split sums for its last block to add: at
-// most a few rounds of kPartialBatch loads per thread when they spread over the block. (Off with
-// the free-bits split switch, csrc/fastelbo.h: the columns kernel alone, for timing.)
-FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample) {
-  constexpr int64_t kColumnRowsPerLane = 4;
-  constexpr int64_t kMaxColumnPartials = int64_t{kThreads} * kPartialBatch * 4;
-  const int64_t windows = ceil_div(per_sample, kWindow);
-  int tw = 1;
-  while (tw < 32 && tw < windows) tw *= 2;
-  while (tw > 4 && ceil_div(windows, tw) * 2 <= kMaxBlocks && kThreads / tw < batch) tw /= 2;
-  FreeBitsGrid grid;
-  grid.col_windows = tw;
-  grid.col_tiles = ceil_div(windows, tw);
-  const int64_t lanes = kThreads / tw;
-  const int64_t splits = std::min({ceil_div(batch, lanes * kColumnRowsPerLane), kMaxBlocks / grid.col_tiles,
-                                   kMaxColumnPartials / std::max<int64_t>(per_sample, 1)});
-  grid.row_splits = cuda_spread_enabled() ? std::max<int64_t>(splits, 1) : 1;
-  grid.blocks = grid.row_splits == 1 ? std::min<int64_t>(grid.col_tiles, kMaxBlocks) : grid.col_tiles * grid.row_splits;
-  return grid;
-}
-
 // Lanes (as a power of two: the shift) that share the K draws of one unit of work (a chunk, or a
 // short sample's window) which one thread would otherwise draw in a row: up to K and max_lanes,
 // while the units times the lanes stay within one wave of kThreads-thread blocks. 0: one lane (one
@@ -751,6 +734,34 @@ int spread_draws_shift(int64_t units, int64_t num_samples, int64_t max_lanes) {
   return shift;
 }
 }  // namespace
+
+// Columns (free bits): TW windows per block; narrower tiles (more lanes over the batch, more
+// blocks) while the grid is small and the batch can feed the lanes. A lane that would still add
+// more than kColumnRowsPerLane samples (items, below) has the batch split over up to kMaxBlocks blocks in all
+// (the split kernel), with at most kMaxColumnPartials split sums for its last block to add: at
+// most a few rounds of kPartialBatch loads per thread when they spread over the block. (Off with
+// the spread switch, csrc/fastelbo.h: the columns kernel alone, for timing.) Several draws on a
+// small latent: each sample is Q items (tile_column_sums), Q lanes sharing its draws, while the
+// samples' windows times Q fit one wave; the grid is then shaped for B x Q items.
+FreeBitsGrid free_bits_grid(int64_t batch, int64_t per_sample, int64_t num_samples) {
+  constexpr int64_t kColumnRowsPerLane = 4;
+  constexpr int64_t kMaxColumnPartials = int64_t{kThreads} * kPartialBatch * 4;
+  const int64_t windows = ceil_div(per_sample, kWindow);
+  FreeBitsGrid grid;
+  grid.draw_shift = spread_draws_shift(batch * windows, num_samples, 32);
+  const int64_t items = batch << grid.draw_shift;
+  int tw = 1;
+  while (tw < 32 && tw < windows) tw *= 2;
+  while (tw > 4 && ceil_div(windows, tw) * 2 <= kMaxBlocks && kThreads / tw < items) tw /= 2;
+  grid.col_windows = tw;
+  grid.col_tiles = ceil_div(windows, tw);
+  const int64_t lanes = kThreads / tw;
+  const int64_t splits = std::min({ceil_div(items, lanes * kColumnRowsPerLane), kMaxBlocks / grid.col_tiles,
+                                   kMaxColumnPartials / std::max<int64_t>(per_sample, 1)});
+  grid.row_splits = cuda_spread_enabled() ? std::max<int64_t>(splits, 1) : 1;
+  grid.blocks = grid.row_splits == 1 ? std::min<int64_t>(grid.col_tiles, kMaxBlocks) : grid.col_tiles * grid.row_splits;
+  return grid;
+}
 
 // The flat kernels' draws over lanes (a small latent with many draws): up to 32 lanes per chunk.
 int draw_lanes_shift(int64_t numel, int64_t num_samples) {
@@ -780,9 +791,10 @@ void launch_forward(ForwardParams<scalar_t> p, int64_t reduction, double free_bi
   const bool windows_vec = d % kWindow == 0 && all_aligned({p.mu, p.logvar, p.eps, p.z}, window_align);
 
   if (free_bits > 0.0) {
-    const FreeBitsGrid grid = free_bits_grid(batch, d);
+    const FreeBitsGrid grid = free_bits_grid(batch, d, k);
     p.col_windows = grid.col_windows;
     p.row_splits = grid.row_splits;
+    p.draw_lanes_shift = grid.draw_shift;
     p.vec = windows_vec;
     if (grid.row_splits == 1) {
       launch_reducing_kernel<reparam_kl_forward_columns_kernel<scalar_t>>(grid.blocks, kThreads, grid.blocks, false,
