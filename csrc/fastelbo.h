@@ -129,7 +129,8 @@ bool set_cuda_large_blocks_enabled(bool enabled);
 // Whether CUDA problems that give few threads work are spread over more
 // (csrc/cuda/reparameterize_kl.cu, csrc/cuda/gaussian_recon.cu): free bits over a tall batch (the
 // batch split over more blocks, free_bits_grid), reduction "none" on short samples (several per
-// warp, the same bits), num_samples > 1 on a small latent (the draws over lanes, draw_lanes). Off,
+// warp, the same bits), num_samples > 1 on a small latent (the draws over lanes: per chunk,
+// draw_lanes; per window of a short sample, short_rows_lanes; per sample with free bits). Off,
 // each runs in its kernel's plain shape. On unless FASTELBO_CUDA_SPREAD=0 is in the environment
 // when first asked. It changes the summation order of free bits' per-position sums and of the
 // many-draw loss and gradients; it is there to time one shape against the other.

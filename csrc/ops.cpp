@@ -438,7 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def_cuda_switch("cuda_spread", &fastelbo::cuda_spread_enabled,
                   &fastelbo::set_cuda_spread_enabled, "FASTELBO_CUDA_SPREAD",
                   "CUDA problems that give few threads work are spread over more (free bits over a tall "
-                  "batch, reduction 'none' on short samples, num_samples > 1 on a small latent)",
+                  "batch, reduction 'none' on short samples, num_samples > 1 on a small latent, also with 'none' "
+                  "or free bits)",
                   "run in the kernels' plain shapes (False; another summation order for free bits' sums and "
                   "the many-draw loss and gradients, so these may differ in the last bits: for timing one "
                   "shape against the other)");
