@@ -213,10 +213,9 @@ FASTELBO_HD acc_t grad_logvar_element(acc_t logvar, acc_t grad_z_eps_sum, acc_t 
 }
 
 // Free bits: position j's batch-mean KL kbar_j enters the loss as max(kbar_j, free_bits), so its
-// KL gradient flows only where kbar_j > free_bits (torch.clamp(min=)'s gradient rule, which the
-// reference uses): not below the floor, not at it (a tie: clamp passes no gradient there), nor
-// where kbar_j is NaN (the loss is NaN then; the reference gives those positions no KL gradient
-// either).
+// KL gradient flows only where kbar_j > free_bits, as in fastelbo.reference: not below the floor,
+// not at it (a tie; torch.clamp(min=) passes none there in torch 2.14, one in older versions), nor where
+// kbar_j is NaN (the loss is NaN then).
 template <typename acc_t>
 FASTELBO_HD bool free_bits_pass_gradient(acc_t position_mean, acc_t free_bits) {
   return position_mean > free_bits;

@@ -63,7 +63,11 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
         if mu.numel() == 0:
             return z, kl_element.sum()
         position_mean = kl_element.reshape(batch, math.prod(mu.shape[1:])).mean(dim=0)  # kbar_j
-        floored = torch.clamp(position_mean, min=free_bits).sum()  # the batchmean value
+        # max(kbar_j, lam), its gradient flowing only where kbar_j > lam: not at a tie, nor where
+        # kbar_j is NaN (whose value stays NaN). (torch.clamp(min=) gives the same values, but its
+        # gradient at a tie differs between torch versions: 1 in older ones, 0 in 2.14.)
+        above = position_mean > free_bits
+        floored = torch.where(above, position_mean, position_mean.detach().clamp(min=free_bits)).sum()
         scale = {"batchmean": 1.0, "sum": float(batch), "mean": batch / mu.numel()}[reduction]
         return z, floored * scale
     return z, _reduce(kl_element, reduction)

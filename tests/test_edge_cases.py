@@ -275,8 +275,8 @@ def test_nan_propagates_reparameterize_kl(device, dtype, where):
 @pytest.mark.parametrize("where", ["mu", "logvar"])
 def test_nan_under_free_bits_matches_the_reference(device, reduction, where):
     """A NaN in one latent element under free bits makes its position's batch-mean KL NaN: the
-    loss is NaN, and that position gets no KL gradient in any sample, as torch.clamp's gradient
-    gives in the reference (a NaN is not above the floor). Every gradient, NaN or not, equals the
+    loss is NaN, and that position gets no KL gradient in any sample, in the kernels as in the
+    reference (a NaN is not above the floor). Every gradient, NaN or not, equals the
     reference's."""
     mu, logvar, eps = sample_inputs((4, 5), torch.float64, device, seed=stable_seed("nan-fb", where, reduction),
                                     num_samples=2)

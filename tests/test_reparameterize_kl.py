@@ -207,8 +207,9 @@ def test_free_bits_values_and_grads(device, shape, reduction, dtype, num_samples
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
 def test_free_bits_tie_passes_no_gradient_like_the_reference(device, reduction, dtype):
-    """A position whose batch-mean KL equals the floor exactly gets no KL gradient, as
-    torch.clamp(min=) gives none at equality in the reference; above it the plain gradient."""
+    """A position whose batch-mean KL equals the floor exactly gets no KL gradient, in the kernels
+    and in the reference (whatever torch.clamp's rule at a tie in the installed torch); above it
+    the plain gradient."""
     # kl element 1/2 (mu^2 + e^0 - 1 - 0) = mu^2 / 2: column 0 exactly at the floor 0.5 (mu = 1),
     # column 1 above it (mu = 2), column 2 below (mu = 0)
     mu = torch.tensor([[1.0, 2.0, 0.0]] * 4, dtype=dtype, device=device)
