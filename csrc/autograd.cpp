@@ -163,13 +163,18 @@ ReparamKLResult reparameterize_kl_autograd(const at::Tensor& mu, const at::Tenso
 struct GaussianReconLossFunction : public torch::autograd::Function<GaussianReconLossFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& x,
                                int64_t reduction, bool save_grad_unit) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = typed_op<GaussianReconLossOp>("fastelbo::gaussian_recon_loss");
-    auto [loss, grad_unit] = op.call(x_hat, x, reduction, save_grad_unit);
+    at::Tensor loss, grad_unit;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, grad_unit) = op.call(x_hat, x, reduction, save_grad_unit);
+    }
     // Saved as a detached alias: a saved output comes back from the save with this node as its
     // grad_fn (grad_unit is not marked non-differentiable, below), and the backward hands the
     // buffer out as x_hat's gradient, which must not look differentiable to hooks and
-    // torch.autograd.grad.
+    // torch.autograd.grad. Detached outside the guard above, so that the alias shares the
+    // buffer's version counter: an in-place change to the returned buffer before the backward is
+    // then refused by autograd's saved-tensor check, as for any saved tensor.
     ctx->save_for_backward({x_hat, x, save_grad_unit ? grad_unit.detach() : at::Tensor()});
     ctx->saved_data["reduction"] = reduction;
     // grad_unit is not differentiable; not marked so for compiled autograd (see

@@ -378,8 +378,9 @@ def test_compiled_autograd_matches_eager_backward(device, reduction, free_bits, 
         loss = _loss_step(*leaves, reduction, free_bits, num_samples)
         if compiled:
             torch._dynamo.reset()
-            # (not fullgraph: the nodes are not traceable, their backwards read the incoming
-            # gradient's value and the graph task, so compiled autograd runs them eagerly)
+            # (not fullgraph: C++ autograd Functions are not traced unless marked traceable, and
+            # these are not, their backwards reading the incoming gradient's value and the graph
+            # task, so compiled autograd runs them eagerly)
             with compiled_autograd._enable(torch.compile(backend="eager")):
                 loss.backward()
         else:
@@ -409,6 +410,14 @@ def test_internal_outputs_are_not_differentiable(device):
     loss.backward()
     assert mu.grad is not None and x_hat.grad is not None
     torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / 4)
+    # and they are still checked as saved tensors: changed in place before the backward, refused
+    z, kl, _, position_mean = ops.reparameterize_kl(mu, logvar, None, None, 1, REDUCTIONS["batchmean"], 0.3)
+    loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, REDUCTIONS["batchmean"], True)
+    position_mean.zero_()
+    grad_unit.zero_()
+    for out in (kl, loss):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
