@@ -32,6 +32,22 @@ _gaussian_recon_loss = torch.ops.fastelbo.gaussian_recon_loss.default
 _GRAD_IN_FORWARD = os.environ.get("FASTELBO_GRAD_IN_FORWARD", "1") != "0"
 
 
+def _describe(value):
+    """A number for an error message: its repr, or for an integer past 64 bits its size (str()
+    of a huge int is a wall of digits, and refuses past 4300 of them)."""
+    if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**64:
+        return f"an integer of {int(value).bit_length()} bits"
+    return repr(value)
+
+
+def _as_float(value, owner, name, rule):
+    """float(value) for a real number, a ValueError naming the argument where it is past the doubles."""
+    try:
+        return float(value)
+    except OverflowError:  # an int or Fraction beyond the doubles
+        raise ValueError(f"{owner}: {name} must be {rule}, got {_describe(value)}") from None
+
+
 def _reduction_code(reduction, function):
     code = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if code is None:
@@ -70,7 +86,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
       free_bits: lam >= 0 nats (Kingma et al. 2016). With lam > 0 each latent position's batch-mean
         KL kbar_j is floored at lam: the loss is sum_j max(kbar_j, lam) for "batchmean", B times
         that for "sum", and that over the per-sample size for "mean"; positions below or at the
-        floor (or with a NaN kbar_j) get no KL gradient, as with torch.clamp(min=lam). Not defined for "none" (ValueError).
+        floor (or with a NaN kbar_j) get no KL gradient. Not defined for "none" (ValueError).
       num_samples: K >= 1 draws of z in one call.
       generator: a torch.Generator on the inputs' device; default: torch's default generator, so
         torch.manual_seed(s) reproduces every draw bit for bit (and torch.utils.checkpoint, which
@@ -89,15 +105,12 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
         raise TypeError(f"reparameterize_kl: num_samples must be an int, got {num_samples!r}")
     # (Counts and floors beyond what the op's int64 / double arguments hold; the rest is the op's to refuse.)
     if num_samples >= 2**63:
-        raise ValueError(f"reparameterize_kl: num_samples must be below 2**63, got {num_samples}")
+        raise ValueError(f"reparameterize_kl: num_samples must be below 2**63, got {_describe(num_samples)}")
     if num_samples < -2**63:
-        raise ValueError(f"reparameterize_kl: num_samples must be >= 1, got {num_samples}")
+        raise ValueError(f"reparameterize_kl: num_samples must be >= 1, got {_describe(num_samples)}")
     if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
         raise TypeError(f"reparameterize_kl: free_bits must be a real number, got {free_bits!r}")
-    try:
-        free_bits = float(free_bits)
-    except OverflowError:  # an int or Fraction past the doubles
-        raise ValueError(f"reparameterize_kl: free_bits must be a finite number >= 0, got {free_bits}") from None
+    free_bits = _as_float(free_bits, "reparameterize_kl", "free_bits", "a finite number >= 0")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"reparameterize_kl: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if eps is not None:

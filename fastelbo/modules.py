@@ -55,7 +55,7 @@ def _check_options(beta, reduction, free_bits, backend, owner):
     for name, value in (("beta", beta), ("free_bits", free_bits)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
-        if not math.isfinite(value):
+        if not math.isfinite(functional._as_float(value, owner, name, "finite")):
             raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")

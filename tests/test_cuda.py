@@ -182,8 +182,8 @@ CASES = [
     # many draws on a small latent: the draws over lanes (32 lanes, 4 with a ragged last chunk)
     ((128, 20), "batchmean", 0.0, 50),
     ((33, 29), "sum", 0.0, 7),
-    # and for "none" on short samples: 4 lanes per window (8 windows of a 4-aligned sample, 8 of
-    # a sample of 29 positions, windows straddling Philox groups)
+    # and for "none" on short samples: 4 lanes per window (a sample of 5 windows on 8 lanes, and
+    # one of 29 positions, 8 windows straddling Philox groups)
     ((128, 20), "none", 0.0, 50),
     ((33, 29), "none", 0.0, 7),
     # and for free bits: 32 lanes per sample, the batch's 4096 items split over 64 blocks

@@ -215,6 +215,8 @@ def test_bad_options_raise():
             fastelbo.ELBOLoss(**{name: float("nan")})
         with pytest.raises(ValueError, match=f"{name} must be finite"):
             fastelbo.VAE(nn.Identity(), nn.Identity(), **{name: float("inf")})
+        with pytest.raises(ValueError, match=f"{name} must be finite, got an integer of 1329 bits"):
+            fastelbo.ELBOLoss(**{name: 10**400})  # past the doubles: not float()'s OverflowError
     # any real number type, as for fastelbo.reparameterize_kl's free_bits
     loss_fn = fastelbo.ELBOLoss(beta=np.float32(0.5), free_bits=np.float64(0.25))
     assert (loss_fn.beta, loss_fn.free_bits) == (0.5, 0.25)
