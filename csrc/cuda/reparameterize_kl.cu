@@ -402,6 +402,19 @@ __device__ __forceinline__ void tile_column_sums(const ForwardParams<scalar_t>& 
 // Window x of column tile t: its first position.
 __device__ __forceinline__ int64_t tile_window_start(int64_t t, int tw, int x) { return (t * tw + x) * kWindow; }
 
+// Tiles of tw windows that cover d positions (the host's FreeBitsGrid::col_tiles).
+__device__ __forceinline__ int64_t column_tiles(int64_t d, int tw) { return ((d + kWindow - 1) / kWindow + tw - 1) / tw; }
+
+// Position j's batch mean from its sum over the batch, stored in position_mean (the backward's
+// gradient gate); returns it floored at lam, the position's term of the loss. Both columns
+// kernels end each position so.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t floored_position_mean(const ForwardParams<scalar_t>& p, int64_t j, acc_t sum) {
+  const acc_t mean = sum / static_cast<acc_t>(p.batch);
+  p.position_mean[j] = mean;
+  return max_keep_nan(mean, p.free_bits);
+}
+
 // The floored loss from the floored sum sum_j max(kbar_j, lam): as on the CPU, the batchmean
 // value times B, times the reduction's scale.
 template <typename scalar_t, typename acc_t>
@@ -416,10 +429,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   __shared__ acc_t lane_sums[kThreads][kWindow];
   const auto seeds = unpack_and_record(p);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
-  const int64_t d = p.per_sample, batch = p.batch;
+  const int64_t d = p.per_sample;
   const int tw = p.col_windows;
   const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
-  const int64_t col_tiles = ((d + kWindow - 1) / kWindow + tw - 1) / tw;
+  const int64_t col_tiles = column_tiles(d, tw);
   acc_t floored = 0;
   for (int64_t t = blockIdx.x; t < col_tiles; t += gridDim.x) {
     const int64_t j0 = tile_window_start(t, tw, x);
@@ -428,11 +441,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     if (y == 0) {
 #pragma unroll
       for (int e = 0; e < kWindow; ++e) {
-        if (e < count) {
-          const acc_t mean = lane_sums[x][e] / static_cast<acc_t>(batch);
-          p.position_mean[j0 + e] = mean;
-          floored += max_keep_nan(mean, p.free_bits);
-        }
+        if (e < count) floored += floored_position_mean(p, j0 + e, lane_sums[x][e]);
       }
     }
   }
@@ -459,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
   const int64_t d = p.per_sample, splits = p.row_splits;
   const int tw = p.col_windows, tb = static_cast<int>(blockDim.x) / tw;
   const int x = static_cast<int>(threadIdx.x) % tw, y = static_cast<int>(threadIdx.x) / tw;
-  const int64_t segments = ((d + kWindow - 1) / kWindow + tw - 1) / tw * splits;
+  const int64_t segments = column_tiles(d, tw) * splits;
   // Segment s = (tile t, split r). The host launches one block per segment; written as a
   // grid-stride loop all the same, the form in which ptxas keeps the sums in registers (as one
   // straight pass it spilled them to local memory on every sample, at the same 64 registers).
@@ -488,11 +497,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     const int64_t j = j_first + threadIdx.x / lanes;
     const acc_t v = group_sum(
         j < d ? sum_partials</*kCompensated=*/true>(p.partials + j, lane * d, splits * d, lanes * d) : acc_t(0), lanes);
-    if (lane == 0 && j < d) {
-      const acc_t mean = v / static_cast<acc_t>(p.batch);
-      p.position_mean[j] = mean;
-      floored += max_keep_nan(mean, p.free_bits);
-    }
+    if (lane == 0 && j < d) floored += floored_position_mean(p, j, v);
   }
   floored = block_sum(floored);
   if (threadIdx.x == 0) {
