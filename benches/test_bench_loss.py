@@ -18,14 +18,17 @@ DEFAULT_SIZES = "mnist-mlp;ldm-ae-256"
 
 
 def _option_list(config, option, known, canonical=lambda item: item):
-    """The comma list of `option` as canonical names (None when not given); an unknown name is a
-    usage error, as `fastelbo bench` makes it."""
+    """The comma list of `option` as canonical names (None when not given), read as `fastelbo
+    bench` reads its lists (bench._split); an empty or doubled list or an unknown name is a usage
+    error."""
     text = config.getoption(option)
     if text is None:
         return None
-    items = [canonical(t.strip()) for t in text.split(",") if t.strip()]
-    unknown = [item for item in items if item not in known]
-    if unknown or not items:
+    try:
+        items = bench._split(text, option, canonical)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    if any(item not in known for item in items):
         raise pytest.UsageError(f"{option} {text!r}: expected a comma list of {', '.join(known)}")
     return items
 

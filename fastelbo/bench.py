@@ -1009,15 +1009,24 @@ def add_arguments(parser):
     parser.add_argument("--list", action="store_true", help="list the presets and providers and exit")
 
 
+def _repeated(items):
+    """The first item that comes twice in `items` (it would be measured twice), or None."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
 def _split(text, option, canonical=lambda item: item):
     """The items of a comma list, as canonical(item); a list with none (it would measure nothing)
-    or with an item twice (it would measure it twice) is an error."""
+    or with an item twice is an error."""
     items = [canonical(t.strip()) for t in text.split(",") if t.strip()]
     if not items:
         raise ValueError(f"{option} {text!r} names nothing")
-    for item in items:
-        if items.count(item) > 1:
-            raise ValueError(f"{option} {text!r} names {item} twice")
+    if (twice := _repeated(items)) is not None:
+        raise ValueError(f"{option} {text!r} names {twice} twice")
     return items
 
 
@@ -1046,10 +1055,8 @@ def _resolve(args):
             explicit += parse_size(item)
         except argparse.ArgumentTypeError as error:
             raise ValueError(str(error)) from None
-    names = [size.name for size in explicit]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"size {name} is named twice")
+    if (twice := _repeated([size.name for size in explicit])) is not None:
+        raise ValueError(f"size {twice} is named twice")
     if args.copy_mib is not None:
         for d in devices:
             need, have = 2 * (args.copy_mib << 20), available_bytes(d)  # the copy's source and destination
