@@ -48,6 +48,19 @@ def timed(step, args, device, sync):
     return kernels["kernel_time_us"] or float("nan"), median_us(step, args.reps, warmup=2, sync=sync)
 
 
+def time_providers(make_step, providers, args, device, sync):
+    """{name: timed(make_step(module))} over (name, module, spread) providers, each with the spread
+    switch as it says (set back on afterwards)."""
+    row = {}
+    try:
+        for name, module, spread in providers:
+            fastelbo._C._set_cuda_spread(spread)
+            row[name] = timed(make_step(module), args, device, sync)
+    finally:
+        fastelbo._C._set_cuda_spread(True)
+    return row
+
+
 def tensors(shape, device, count):
     generator = torch.Generator(device=device).manual_seed(0)
     return [torch.randn(shape, device=device, generator=generator) for _ in range(count)]
@@ -59,38 +72,41 @@ def latent(shape, device):
     return mu.requires_grad_(), logvar.mul_(0.5).requires_grad_()
 
 
+# The providers of the tables: fastelbo with the spread (the default), without it
+# (FASTELBO_CUDA_SPREAD=0's setting, switched in the same process), and plain PyTorch; in the
+# free-bits table the spread is the batch split.
+PROVIDERS = (("spread", fastelbo, True), ("plain", fastelbo, False), ("reference", reference, True))
+FREE_BITS_PROVIDERS = (("split", fastelbo, True), ("unsplit", fastelbo, False), ("reference", reference, True))
+
+
 def free_bits_table(args, device, sync):
     print(f"free bits {args.free_bits}, sample+KL fwd+bwd: kernel us / step us")
     print(f"{'B':>8} {'D':>5} {'splits':>6}  {'split':>17}  {'unsplit':>17}  {'reference':>17}  {'max rel diff':>12}")
     for B, D in args.free_bits_shapes:
         mu, logvar = latent((B, D), device)
         grad_z = tensors((B, D), device, 3)[2]
-        row, values = {}, {}
-        for name, fn, split in (("split", fastelbo.reparameterize_kl, True),
-                                ("unsplit", fastelbo.reparameterize_kl, False),
-                                ("reference", reference.reparameterize_kl, True)):
+        values = {}
+        for name, split in (("split", True), ("unsplit", False)):
             fastelbo._C._set_cuda_spread(split)
-
-            def step(fn=fn):
-                mu.grad = logvar.grad = None
-                z, kl = fn(mu, logvar, free_bits=args.free_bits)
-                torch.autograd.backward((z, kl), (grad_z, None))
-
-            if name != "reference":
-                _, kl, _, position_mean = torch.ops.fastelbo.reparameterize_kl(
-                    mu.detach(), logvar.detach(), None, None, 1, 3, args.free_bits)
-                values[name] = torch.cat([kl.reshape(1), position_mean]).double()
-            row[name] = timed(step, args, device, sync)
+            _, kl, _, position_mean = torch.ops.fastelbo.reparameterize_kl(
+                mu.detach(), logvar.detach(), None, None, 1, 3, args.free_bits)
+            values[name] = torch.cat([kl.reshape(1), position_mean]).double()
         fastelbo._C._set_cuda_spread(True)
+
+        def make_step(module):
+            def step():
+                mu.grad = logvar.grad = None
+                z, kl = module.reparameterize_kl(mu, logvar, free_bits=args.free_bits)
+                torch.autograd.backward((z, kl), (grad_z, None))
+            return step
+
+        row = time_providers(make_step, FREE_BITS_PROVIDERS, args, device, sync)
         diff = ((values["split"] - values["unsplit"]).abs() / values["unsplit"].abs().clamp_min(1e-30)).max()
         splits = fastelbo._C._cuda_free_bits_grid(B, D)["row_splits"] if device == "cuda" else 0
         cells = "  ".join(f"{row[n][0]:>8.1f}/{row[n][1]:>8.1f}" for n in ("split", "unsplit", "reference"))
         print(f"{B:>8} {D:>5} {splits:>6}  {cells}  {diff.item():>12.2e}")
 
 
-# The providers of the "none" and many-draw tables: fastelbo with the spread (the default), without
-# it (FASTELBO_CUDA_SPREAD=0's setting, switched in the same process), and plain PyTorch.
-PROVIDERS = (("spread", fastelbo, True), ("plain", fastelbo, False), ("reference", reference, True))
 
 
 def none_table(args, device, sync):
@@ -103,24 +119,24 @@ def none_table(args, device, sync):
         grad_z, x_hat, x = tensors((B, D), device, 5)[2:]
         x_hat.requires_grad_()
         weights = torch.rand(B, device=device)
-        row = {}
-        for name, module, spread in PROVIDERS:
-            fastelbo._C._set_cuda_spread(spread)
 
-            def kl_step(module=module):
+        def kl_step(module):
+            def step():
                 mu.grad = logvar.grad = None
                 z, kl = module.reparameterize_kl(mu, logvar, reduction="none")
                 torch.autograd.backward((z, kl), (grad_z, weights))
+            return step
 
-            def recon_step(module=module):
+        def recon_step(module):
+            def step():
                 x_hat.grad = None
                 rec = module.gaussian_recon_loss(x_hat, x, reduction="none")
                 rec.backward(weights)
+            return step
 
-            row["kl", name] = timed(kl_step, args, device, sync)
-            row["recon", name] = timed(recon_step, args, device, sync)
-        fastelbo._C._set_cuda_spread(True)
-        cells = "  ".join(f"{row[op, n][0]:>8.1f}/{row[op, n][1]:>8.1f}" for op in ("kl", "recon") for n, _, _ in PROVIDERS)
+        row = {op: time_providers(make_step, PROVIDERS, args, device, sync)
+               for op, make_step in (("kl", kl_step), ("recon", recon_step))}
+        cells = "  ".join(f"{row[op][n][0]:>8.1f}/{row[op][n][1]:>8.1f}" for op in ("kl", "recon") for n, _, _ in PROVIDERS)
         print(f"{B:>8} {D:>5}  {cells}")
 
 
@@ -135,17 +151,15 @@ def draws_table(args, device, sync):
         reduction = "batchmean" if label == "fb" else label
         mu, logvar = latent((B, D), device)
         grad_z = tensors((K, B, D) if K > 1 else (B, D), device, 1)[0]
-        row = {}
-        for name, module, spread in PROVIDERS:
-            fastelbo._C._set_cuda_spread(spread)
 
-            def step(module=module):
+        def make_step(module):
+            def step():
                 mu.grad = logvar.grad = None
                 z, kl = module.reparameterize_kl(mu, logvar, num_samples=K, reduction=reduction, free_bits=free_bits)
                 torch.autograd.backward((z, kl), (grad_z, torch.ones_like(kl) if reduction == "none" else None))
+            return step
 
-            row[name] = timed(step, args, device, sync)
-        fastelbo._C._set_cuda_spread(True)
+        row = time_providers(make_step, PROVIDERS, args, device, sync)
         if device != "cuda":
             lanes = 0
         elif label == "none":  # the forward's lanes per window (the backward's per chunk)
@@ -158,22 +172,27 @@ def draws_table(args, device, sync):
         print(f"{B:>8} {D:>5} {K:>4} {label:>9} {lanes:>5}  {cells}")
 
 
+def int_tuple(text):
+    """"B,D" or "B,D,K" as a tuple of ints (argparse type)."""
+    return tuple(map(int, text.split(",")))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--free-bits", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per case")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per case (host-inclusive median)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--free-bits-shapes", nargs="*", default=FREE_BITS_SHAPES, type=lambda s: tuple(map(int, s.split(","))),
+    parser.add_argument("--free-bits-shapes", nargs="*", default=FREE_BITS_SHAPES, type=int_tuple,
                         help="B,D pairs")
-    parser.add_argument("--none-shapes", nargs="*", default=NONE_SHAPES, type=lambda s: tuple(map(int, s.split(","))),
+    parser.add_argument("--none-shapes", nargs="*", default=NONE_SHAPES, type=int_tuple,
                         help="B,D pairs")
-    parser.add_argument("--draws", nargs="*", default=DRAWS, type=lambda s: tuple(map(int, s.split(","))),
+    parser.add_argument("--draws", nargs="*", default=DRAWS, type=int_tuple,
                         help="B,D,K triples (reduction batchmean)")
-    parser.add_argument("--none-draws", nargs="*", default=NONE_DRAWS, type=lambda s: tuple(map(int, s.split(","))),
+    parser.add_argument("--none-draws", nargs="*", default=NONE_DRAWS, type=int_tuple,
                         help="B,D,K triples (reduction none)")
     parser.add_argument("--free-bits-draws", nargs="*", default=FREE_BITS_DRAWS,
-                        type=lambda s: tuple(map(int, s.split(","))), help="B,D,K triples (batchmean, --free-bits)")
+                        type=int_tuple, help="B,D,K triples (batchmean, --free-bits)")
     args = parser.parse_args()
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
