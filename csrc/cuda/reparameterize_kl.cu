@@ -194,50 +194,15 @@ __device__ __forceinline__ std::tuple<uint64_t, uint64_t> unpack_and_record(
 }
 
 // ---- forward: flat ("sum", "mean", "batchmean") ---------------------------------------------
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM<scalar_t>)
-    reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
-  using acc_t = at::opmath_type<scalar_t>;
+// The grid's KL sum over 2^shift lanes per 4-element chunk: item t of the grid is lane q = t % Q
+// of chunk t / Q, which draws q, q + Q, ... of the chunk (each lane reads the chunk's mu and
+// logvar); the KL is lane 0's. shift 0 (the flat kernel, a compile-time 0): one thread per chunk
+// drawing all its draws, the arithmetic folded to that.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t flat_kl_sum(const ForwardParams<scalar_t>& p, uint64_t seed, uint64_t offset,
+                                             int shift) {
   constexpr int E = kChunk;
-  const auto seeds = unpack_and_record(p);
-  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
   const int64_t n = p.numel;
-  const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  acc_t sum = 0;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < num_chunks;
-       c += stride) {
-    const int64_t i0 = c * E;
-    acc_t kl[E];
-    if (c < full_chunks) {
-      sample_run<true, true>(p, seed, offset, i0, E, kl);
-    } else {
-      sample_run<false, true>(p, seed, offset, i0, static_cast<int>(min64(E, n - i0)), kl);
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) sum += kl[e];
-  }
-  write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
-}
-
-// ---- forward: flat, the draws over lanes (num_samples > 1 on a small latent) --------------------
-// The flat kernel's thread draws its chunk's K normals one draw after another, so on a small latent
-// with many draws ((128, 20) with K = 50: 640 threads, 50 Philox + Box-Muller chains in a row each)
-// that chain is the kernel's time. Here Q = 2^draw_lanes_shift lanes (draw_lanes) take each chunk:
-// lane q draws q, q + Q, ... (each lane reads the chunk's mu and logvar), and the KL is lane 0's.
-// Item t of the grid is lane t % Q of chunk t / Q. z has the bits of the flat kernel's; the KL's
-// sum runs over the items in a fixed order (another grid than the flat kernel's, so the loss may
-// differ from it in the last bits). Up to 16 blocks reduce inside a cluster on sm_90, as the flat
-// kernel's small grids do.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
-    reparam_kl_forward_draws_kernel(const ForwardParams<scalar_t> p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int E = kChunk;
-  const auto seeds = unpack_and_record(p);
-  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
-  const int64_t n = p.numel;
-  const int shift = p.draw_lanes_shift;
   const int64_t num_chunks = (n + E - 1) / E, full_chunks = p.vec ? n / E : 0;
   const int64_t items = num_chunks << shift;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -256,6 +221,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
       for (int e = 0; e < E; ++e) sum += kl[e];
     }
   }
+  return sum;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxFlatThreads<scalar_t>, kMinFlatBlocksPerSM<scalar_t>)
+    reparam_kl_forward_flat_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto seeds = unpack_and_record(p);
+  const acc_t sum = flat_kl_sum<scalar_t, acc_t>(p, std::get<0>(seeds), std::get<1>(seeds), 0);
+  write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
+}
+
+// ---- forward: flat, the draws over lanes (num_samples > 1 on a small latent) --------------------
+// The flat kernel's thread draws its chunk's K normals one draw after another, so on a small latent
+// with many draws ((128, 20) with K = 50: 640 threads, 50 Philox + Box-Muller chains in a row each)
+// that chain is the kernel's time. Here Q = 2^draw_lanes_shift lanes (draw_lanes) take each chunk
+// (flat_kl_sum). z has the bits of the flat kernel's; the KL's sum runs over the items in a fixed
+// order (another grid than the flat kernel's, so the loss may differ from it in the last bits). Up
+// to 16 blocks reduce inside a cluster on sm_90, as the flat kernel's small grids do. A kernel of
+// its own, so that the flat kernel's code stays that of a compile-time single lane.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
+    reparam_kl_forward_draws_kernel(const ForwardParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto seeds = unpack_and_record(p);
+  const acc_t sum = flat_kl_sum<scalar_t, acc_t>(p, std::get<0>(seeds), std::get<1>(seeds), p.draw_lanes_shift);
   write_grid_sum(sum, p.kl, p.partials, p.slot, p.scale);
 }
 
