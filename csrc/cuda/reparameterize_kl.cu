@@ -646,6 +646,9 @@ __global__ void __launch_bounds__(kLargeBlockThreads, kLargeBlocksPerSM<scalar_t
 // draws kernel): lane q of a chunk regenerates draws q, q + Q, ... and adds their terms; the Q
 // lanes' sums are added by a fixed butterfly (a chunk's lanes are adjacent in one warp: Q <= 32),
 // and lane 0 writes the chunk's gradients. Only with grad_z (without it there are no draws).
+// Its first lines (seed, offset, the one-value incoming gradients) repeat the plain kernel's on
+// purpose: read through one shared helper, they changed the plain backward's sm_90 code (32 more
+// instructions in float), which no GPU run has timed.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<scalar_t>)
     reparam_kl_backward_draws_kernel(const BackwardParams<scalar_t> p) {
