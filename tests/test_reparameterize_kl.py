@@ -324,3 +324,27 @@ def test_kl_sum_accuracy_one_large_term(device, dtype):
     kl64 = ref("sum")(mu.double(), logvar.double(), eps.double())[1]
     assert kl64.item() == 0.5 * 5792.0**2 + 0.5 * (n - 1)
     assert_close_fp64(kl, kl_same, kl64, "kl")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_kl_relative_accuracy_near_collapse(device, dtype, cpu_code_path):
+    """A collapsed posterior (mu = 0, logvar near 0) has a KL of about logvar^2 / 2 per element.
+    Computed as expm1(logvar) - logvar in float32, the subtraction cancels the leading logvar and
+    leaves only its last bits: relative errors of 1e-1 at |logvar| ~ 1e-5 (the plain-PyTorch
+    float32 formula has the same flaw, so the 2x-reference rule of the other tests cannot see it).
+    Per-sample KLs of one element each ("none", D = 1) against float64 math on the same inputs,
+    within a few float32 units, from |logvar| = 1e-6 up to the series' edge at 1/2. (float64
+    inputs are left out: there expm1 - logvar keeps a relative error of ~1e-16 / |logvar|.)"""
+    gen = torch.Generator().manual_seed(stable_seed("collapse", dtype))
+    magnitude = torch.logspace(-6, math.log10(0.499), 4096, dtype=torch.float64)
+    sign = torch.where(torch.rand(4096, generator=gen) < 0.5, -1.0, 1.0).double()
+    logvar = (sign * magnitude).to(dtype).reshape(-1, 1)
+    logvar = logvar[logvar != 0].reshape(-1, 1)  # float16 rounds the smallest to 0, where kl is 0
+    mu = torch.zeros_like(logvar)
+    eps = torch.zeros_like(logvar)
+    kl = fused("none")(mu.to(device), logvar.to(device), eps.to(device))[1].cpu()
+    lv = logvar.double().reshape(-1)
+    want = 0.5 * (torch.expm1(lv) - lv)
+    relative = ((kl.double() - want).abs() / want).max().item()
+    allowed = 4 * torch.finfo(torch.float32).eps
+    assert relative <= allowed, f"max relative error {relative:.3g} > {allowed:.3g}"
