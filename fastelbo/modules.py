@@ -8,7 +8,8 @@ each term reduced as `reduction` says ("batchmean" by default: the per-sample su
 batch, so `loss` is the negative ELBO per data point when beta = 1).
 
 `backend="fused"` (default) runs fastelbo's fused kernels; `backend="reference"` runs the same math
-in plain PyTorch (fastelbo.reference), e.g. to compare the two on the same model. With the reference
+in plain PyTorch (fastelbo.reference), e.g. to compare the two on the same model, and refuses the
+same mismatched shapes (ValueError) where plain PyTorch would broadcast them. With the reference
 backend eps is drawn with torch.randn instead of fastelbo's Philox stream, so the two backends draw
 different samples from the same seed.
 """
@@ -67,6 +68,21 @@ def _check_options(beta, reduction, free_bits, backend, owner):
         raise ValueError(f"{owner}: backend must be one of {tuple(BACKENDS)}, got {backend!r}")
 
 
+def _shape_str(shape):
+    return "[" + ", ".join(str(n) for n in shape) + "]"
+
+
+def _check_same_shape(function, name, t, ref_name, ref_shape):
+    """The fused ops refuse operands of different shapes before any kernel runs (csrc/ops.cpp,
+    check_same_shape; the same message here). fastelbo.reference does not validate, and plain
+    PyTorch broadcasts: a decoder output of (8, 1, 64) against x of (8, 64) would give a loss over
+    (8, 8, 64) pairs. The modules check the reference backend's operands so that both backends
+    accept the same calls. (The fused backend is not checked twice: its op does it.)"""
+    if tuple(t.shape) != tuple(ref_shape):
+        raise ValueError(f"{function}: {name} and {ref_name} must have the same shape, got {name} "
+                         f"{_shape_str(t.shape)} and {ref_name} {_shape_str(ref_shape)}")
+
+
 class ELBOLoss(nn.Module):
     """The (beta-)VAE loss alone, for your own training loop.
 
@@ -111,6 +127,10 @@ class ELBOLoss(nn.Module):
         exp(logvar / 2) is finite (z = mu + std * 0 is NaN where it overflows: logvar > 177 in
         float32, where the KL is infinite anyway; the reference does the same).
         """
+        if self.backend == "reference":
+            _check_same_shape("reparameterize_kl", "logvar", logvar, "mu", mu.shape)
+            if eps is not None:  # one draw: z has mu's shape
+                _check_same_shape("reparameterize_kl", "eps", eps, "z", mu.shape)
         return self._functions.reparameterize_kl(
             mu, logvar, reduction=self.reduction, free_bits=self.free_bits,
             generator=generator, eps=eps,
@@ -118,6 +138,8 @@ class ELBOLoss(nn.Module):
 
     def forward(self, x_hat, x, kl) -> ELBOOutput:
         """ELBOOutput(loss=recon + beta * kl, recon, kl) with recon = 1/2 ||x_hat - x||^2, reduced."""
+        if self.backend == "reference":
+            _check_same_shape("gaussian_recon_loss", "x", x, "x_hat", x_hat.shape)
         recon = self._functions.gaussian_recon_loss(x_hat, x, reduction=self.reduction)
         return ELBOOutput(recon + self.beta * kl, recon, kl)
 

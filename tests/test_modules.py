@@ -1,5 +1,6 @@
 """fastelbo.VAE and fastelbo.ELBOLoss: the modules equal the hand-written composition of the
-functional ops, and a VAE trained with them on the 8x8 digits learns, fused and reference alike."""
+functional ops (on the CPU and, where there is a GPU, on CUDA), both backends refuse the same
+mismatched shapes, and a VAE trained with them on the 8x8 digits learns, fused and reference alike."""
 import copy
 
 import numpy as np
@@ -11,11 +12,18 @@ import fastelbo
 from fastelbo import reference
 
 
-def make_vae(*, in_dim=12, latent=3, beta=1.0, reduction="batchmean", free_bits=0.0, backend="fused", seed=0):
+def make_vae(*, in_dim=12, latent=3, beta=1.0, reduction="batchmean", free_bits=0.0, backend="fused", seed=0,
+             device="cpu"):
     torch.manual_seed(seed)
     encoder = nn.Sequential(nn.Linear(in_dim, 16), nn.Tanh(), nn.Linear(16, 2 * latent))
     decoder = nn.Sequential(nn.Linear(latent, 16), nn.Tanh(), nn.Linear(16, in_dim))
-    return fastelbo.VAE(encoder, decoder, beta=beta, reduction=reduction, free_bits=free_bits, backend=backend)
+    vae = fastelbo.VAE(encoder, decoder, beta=beta, reduction=reduction, free_bits=free_bits, backend=backend)
+    return vae.to(device)
+
+
+def rng_state(device):
+    """The state of torch's default generator of `device` (the one the modules draw from)."""
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
 
 
 def param_grads(module):
@@ -23,9 +31,9 @@ def param_grads(module):
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
-def test_vae_equals_functional_composition(reduction):
-    vae = make_vae(beta=0.7, reduction=reduction)
-    x = torch.rand(5, 12)
+def test_vae_equals_functional_composition(device, reduction):
+    vae = make_vae(beta=0.7, reduction=reduction, device=device)
+    x = torch.rand(5, 12, device=device)
     torch.manual_seed(123)
     out = vae(x)
     out.loss.sum().backward()
@@ -56,9 +64,9 @@ def test_vae_equals_functional_composition(reduction):
     assert (out.loss.shape == (5,)) if reduction == "none" else (out.loss.dim() == 0)
 
 
-def test_vae_reference_backend_equals_reference_composition():
-    vae = make_vae(beta=2.0, backend="reference")
-    x = torch.rand(4, 12)
+def test_vae_reference_backend_equals_reference_composition(device):
+    vae = make_vae(beta=2.0, backend="reference", device=device)
+    x = torch.rand(4, 12, device=device)
     torch.manual_seed(7)
     out = vae(x)
     torch.manual_seed(7)
@@ -69,13 +77,13 @@ def test_vae_reference_backend_equals_reference_composition():
     torch.testing.assert_close(out.loss, rec + 2.0 * kl)
 
 
-def test_fused_and_reference_backends_agree_given_the_same_eps():
-    x = torch.rand(6, 12)
-    fused = make_vae(beta=0.5, free_bits=0.1)
+def test_fused_and_reference_backends_agree_given_the_same_eps(device):
+    x = torch.rand(6, 12, device=device)
+    fused = make_vae(beta=0.5, free_bits=0.1, device=device)
     ref = copy.deepcopy(fused)
     ref.loss_fn.backend = "reference"
     mu, logvar = fused.encode(x)
-    eps = torch.randn(mu.shape)
+    eps = torch.randn(mu.shape, device=device)
     results = []
     for vae in (fused, ref):
         mu, logvar = vae.encode(x)
@@ -90,7 +98,7 @@ def test_fused_and_reference_backends_agree_given_the_same_eps():
         torch.testing.assert_close(got, want)
 
 
-def test_tuple_encoder_and_4d_latent():
+def test_tuple_encoder_and_4d_latent(device):
     class ConvEncoder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -102,8 +110,8 @@ def test_tuple_encoder_and_4d_latent():
 
     torch.manual_seed(0)
     decoder = nn.Conv2d(2, 1, 3, padding=1)
-    vae = fastelbo.VAE(ConvEncoder(), decoder, beta=0.3)
-    x = torch.rand(3, 1, 5, 7)
+    vae = fastelbo.VAE(ConvEncoder(), decoder, beta=0.3).to(device)
+    x = torch.rand(3, 1, 5, 7, device=device)
     torch.manual_seed(1)
     out = vae(x)
     assert out.z.shape == (3, 2, 5, 7) and out.x_hat.shape == x.shape
@@ -113,10 +121,10 @@ def test_tuple_encoder_and_4d_latent():
     torch.testing.assert_close(out.loss, fastelbo.gaussian_recon_loss(decoder(z), x) + 0.3 * kl)
 
 
-def test_single_tensor_encoder_splits_dim_1_of_a_4d_latent():
+def test_single_tensor_encoder_splits_dim_1_of_a_4d_latent(device):
     torch.manual_seed(0)
-    vae = fastelbo.VAE(nn.Conv2d(1, 6, 1), nn.Conv2d(3, 1, 1))
-    x = torch.rand(2, 1, 4, 4)
+    vae = fastelbo.VAE(nn.Conv2d(1, 6, 1), nn.Conv2d(3, 1, 1)).to(device)
+    x = torch.rand(2, 1, 4, 4, device=device)
     mu, logvar = vae.encode(x)
     h = vae.encoder(x)
     torch.testing.assert_close(mu, h[:, :3])
@@ -132,13 +140,13 @@ def test_odd_dim_1_is_a_clear_error():
         vae(torch.rand(3, 4))
 
 
-def test_eval_mode_decodes_the_mean_and_draws_nothing():
-    vae = make_vae(beta=1.5)
-    x = torch.rand(4, 12)
+def test_eval_mode_decodes_the_mean_and_draws_nothing(device):
+    vae = make_vae(beta=1.5, device=device)
+    x = torch.rand(4, 12, device=device)
     vae.eval()
-    state = torch.get_rng_state()
+    state = rng_state(device)
     out = vae(x)
-    assert torch.equal(torch.get_rng_state(), state), "eval mode advanced the random stream"
+    assert torch.equal(rng_state(device), state), "eval mode advanced the random stream"
     torch.testing.assert_close(out.z, out.mu, rtol=0, atol=0)
     _, kl = fastelbo.reparameterize_kl(out.mu, out.logvar)
     torch.testing.assert_close(out.kl, kl)
@@ -153,20 +161,20 @@ def test_eval_mode_decodes_the_mean_and_draws_nothing():
     assert mu_grad.abs().sum() > 0 and logvar_grad.abs().sum() > 0
 
 
-def test_generator_makes_draws_reproducible():
-    vae = make_vae()
-    x = torch.rand(4, 12)
-    a = vae(x, generator=torch.Generator().manual_seed(5)).z
-    b = vae(x, generator=torch.Generator().manual_seed(5)).z
-    c = vae(x, generator=torch.Generator().manual_seed(6)).z
+def test_generator_makes_draws_reproducible(device):
+    vae = make_vae(device=device)
+    x = torch.rand(4, 12, device=device)
+    a = vae(x, generator=torch.Generator(device=device).manual_seed(5)).z
+    b = vae(x, generator=torch.Generator(device=device).manual_seed(5)).z
+    c = vae(x, generator=torch.Generator(device=device).manual_seed(6)).z
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_elbo_loss_module_equals_composition():
+def test_elbo_loss_module_equals_composition(device):
     elbo = fastelbo.ELBOLoss(beta=0.25, free_bits=0.2)
-    mu = torch.randn(6, 4, requires_grad=True)
-    logvar = torch.randn(6, 4, requires_grad=True)
-    x = torch.rand(6, 4)
+    mu = torch.randn(6, 4, device=device, requires_grad=True)
+    logvar = torch.randn(6, 4, device=device, requires_grad=True)
+    x = torch.rand(6, 4, device=device)
     torch.manual_seed(3)
     z, kl = elbo.sample(mu, logvar)
     out = elbo(torch.sigmoid(z), x, kl)
@@ -181,17 +189,17 @@ def test_elbo_loss_module_equals_composition():
     # free_bits reached the op: with a floor above every position's KL the KL is the floor sum.
     big = fastelbo.ELBOLoss(free_bits=50.0)
     _, kl_floor = big.sample(mu, logvar)
-    torch.testing.assert_close(kl_floor, torch.tensor(50.0 * 4))
+    torch.testing.assert_close(kl_floor, torch.tensor(50.0 * 4, device=device))
 
 
-def test_elbo_loss_sample_with_eps_draws_nothing():
+def test_elbo_loss_sample_with_eps_draws_nothing(device):
     """ELBOLoss.sample(eps=...) uses the given eps (z = mu + exp(logvar / 2) eps) and leaves the
     default generator where it was."""
-    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
-    eps = torch.randn(5, 3)
-    state = torch.get_rng_state()
+    mu, logvar = torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)
+    eps = torch.randn(5, 3, device=device)
+    state = rng_state(device)
     z, kl = fastelbo.ELBOLoss().sample(mu, logvar, eps=eps)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(rng_state(device), state)
     torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kl, reference.reparameterize_kl(mu, logvar, eps=eps)[1])
 
@@ -222,9 +230,9 @@ def test_bad_options_raise():
     assert (loss_fn.beta, loss_fn.free_bits) == (0.5, 0.25)
 
 
-def test_beta_is_settable_for_annealing():
-    vae = make_vae(beta=0.0)
-    x = torch.rand(3, 12)
+def test_beta_is_settable_for_annealing(device):
+    vae = make_vae(beta=0.0, device=device)
+    x = torch.rand(3, 12, device=device)
     torch.manual_seed(0)
     out0 = vae(x)
     vae.beta = 2.0
@@ -233,6 +241,52 @@ def test_beta_is_settable_for_annealing():
     out2 = vae(x)
     torch.testing.assert_close(out0.loss, out0.recon)
     torch.testing.assert_close(out2.loss, out2.recon + 2.0 * out2.kl)
+
+
+# (what the module is given, the shapes of its operands, the fused op's message)
+MISMATCHED_SHAPES = [
+    # a decoder that keeps a singleton channel dim: plain PyTorch would broadcast it to (8, 8, 64)
+    ("x_hat", (8, 1, 64), (8, 64), r"gaussian_recon_loss: x and x_hat must have the same shape, got x \[8, 64\] "
+                                   r"and x_hat \[8, 1, 64\]"),
+    ("x_hat", (8, 64), (1, 64), r"x and x_hat must have the same shape, got x \[1, 64\]"),
+    ("logvar", (8, 4), (1, 4), r"reparameterize_kl: logvar and mu must have the same shape, got logvar \[1, 4\]"),
+    ("eps", (8, 4), (8, 1), r"reparameterize_kl: eps .*shape.*got eps \[8, 1\]"),
+]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("what,shape,other_shape,message", MISMATCHED_SHAPES,
+                         ids=["x_hat-extra-dim", "x-batch-of-1", "logvar-batch-of-1", "eps-narrow"])
+def test_both_backends_refuse_mismatched_shapes(device, backend, what, shape, other_shape, message):
+    """ELBOLoss (and so VAE) runs "the same math" on either backend: where the fused op raises a
+    ValueError for operands of different shapes, the reference backend raises it too instead of
+    letting plain PyTorch broadcast them into a loss of another size."""
+    elbo = fastelbo.ELBOLoss(backend=backend)
+    a, b = torch.rand(shape, device=device), torch.rand(other_shape, device=device)
+    with pytest.raises(ValueError, match=message):
+        if what == "x_hat":
+            elbo(a, b, torch.tensor(0.0, device=device))
+        elif what == "logvar":
+            elbo.sample(a, b)
+        else:
+            elbo.sample(a, a, eps=b)
+    # The same module accepts operands of one shape (the refusal is about the mismatch).
+    if what == "x_hat":
+        out = elbo(a, a + 1, torch.tensor(0.0, device=device))
+        torch.testing.assert_close(out.recon, torch.tensor(0.5 * a[0].numel(), device=device))
+    else:
+        z, _ = elbo.sample(a, a, eps=torch.zeros_like(a))
+        assert z.shape == a.shape
+
+
+def test_vae_refuses_a_decoder_of_another_shape_on_both_backends(device):
+    """Through the VAE: a decoder whose output keeps an extra dim is refused on both backends."""
+    for backend in ("fused", "reference"):
+        vae = fastelbo.VAE(nn.Linear(12, 6), nn.Sequential(nn.Linear(3, 12), nn.Unflatten(1, (1, 12))),
+                           backend=backend).to(device)
+        with pytest.raises(ValueError, match=r"x and x_hat must have the same shape, got x \[5, 12\] and "
+                                             r"x_hat \[5, 1, 12\]"):
+            vae(torch.rand(5, 12, device=device))
 
 
 def _train_steps(vae, data, steps, *, batch_size=64, lr=2e-3, seed=0):
