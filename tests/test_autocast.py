@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastelbo
 from fastelbo import ops
 
-from conftest import sample_inputs, recon_inputs
+from conftest import recon_inputs, requires_cuda, sample_inputs
 
 LOW = [torch.bfloat16, torch.float16]
 LOW_IDS = ["bfloat16", "float16"]
@@ -109,11 +109,25 @@ def test_mismatched_dtypes_still_raise_outside_autocast(device):
         fastelbo.gaussian_recon_loss(x_hat.bfloat16(), x)
     with pytest.raises(TypeError, match="same dtype"):
         fastelbo.reparameterize_kl(x.bfloat16(), x)
-    # autocast for another device type does not apply to these tensors
-    other = "cuda" if device == "cpu" else "cpu"
-    if other == "cpu" or torch.cuda.is_available():
-        with torch.autocast(other, dtype=torch.bfloat16), pytest.raises(TypeError, match="same dtype"):
+    # CPU autocast does not apply to CUDA tensors (the other way round:
+    # test_cuda_autocast_does_not_apply_to_cpu_tensors, a `cuda` test, so that gpu_check.sh runs it)
+    if device == "cuda":
+        _assert_autocast_leaves_mismatch_alone("cpu", x_hat, x)
+
+
+def _assert_autocast_leaves_mismatch_alone(autocast_device, x_hat, x):
+    """Autocast of a device type other than the tensors' does not promote: the TypeError stays."""
+    with torch.autocast(autocast_device, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="same dtype"):
             fastelbo.gaussian_recon_loss(x_hat.bfloat16(), x)
+        with pytest.raises(TypeError, match="same dtype"):
+            fastelbo.reparameterize_kl(x.bfloat16(), x)
+
+
+@requires_cuda
+def test_cuda_autocast_does_not_apply_to_cpu_tensors():
+    x_hat, x = recon_inputs((2, 3), torch.float32, "cpu", seed=7)
+    _assert_autocast_leaves_mismatch_alone("cuda", x_hat, x)
 
 
 @pytest.mark.parametrize("low", LOW, ids=LOW_IDS)

@@ -1,8 +1,9 @@
 """Launch shapes of CUDA kernels that spread small problems over more threads
 (csrc/cuda/reparameterize_kl.cu: free_bits_grid, draw_lanes_shift), computed on the host: checked
 on any machine whose build has the CUDA kernels, GPU or not. The kernels themselves are checked on
-a GPU (tests/test_cuda.py: values against the CPU, both settings of the spread switch, poisoned
-outputs, bits over runs).
+a GPU (tests/test_cuda.py: values against float64 math and the CPU, both settings of the spread
+switch, poisoned outputs, bits over runs); the last tests here check that its cases reach the
+launch shapes they are there for.
 
 The columns kernel gives each block a tile of positions and the whole batch, a lane of the block
 adding every 128 / TW-th sample one after another. A tall batch of few positions then ran on a
@@ -14,6 +15,10 @@ import math
 import pytest
 
 import fastelbo
+
+# The (shape, reduction, free_bits, num_samples) cases that test_reparameterize_kl_cuda_matches_cpu
+# runs on a GPU: imported, so that the checks at the end follow any change to the list.
+from test_cuda import CASES as CUDA_CASES
 
 pytestmark = pytest.mark.skipif(
     not fastelbo._C.built_with_cuda,
@@ -209,3 +214,27 @@ def test_free_bits_with_many_draws_share_them_over_lanes(spread_switch_on):
     one = fastelbo._C._cuda_free_bits_grid(128, 20, 1)
     assert one == fastelbo._C._cuda_free_bits_grid(128, 20) and one["draw_lanes"] == 1
     assert one["row_splits"] == 1, one
+
+
+# ---- the launch shapes that tests/test_cuda.py's CPU-vs-CUDA cases reach ------------------------
+
+def test_cuda_cases_take_the_draws_over_lanes(spread_switch_on):
+    """Some of CUDA_CASES spread their draws over lanes (forward and backward: 32 lanes, and
+    fewer for a ragged last chunk; for "none" on short samples, 4 lanes per window), so
+    test_reparameterize_kl_cuda_matches_cpu checks the draws kernels on a GPU."""
+    lanes = {(shape, k): fastelbo._C._cuda_draw_lanes(shape[0] * shape[1], k)
+             for shape, reduction, free_bits, k in CUDA_CASES if reduction != "none" and free_bits == 0}
+    assert max(lanes.values()) == 32 and any(1 < v < 32 for v in lanes.values()), lanes
+    window_lanes = [fastelbo._C._cuda_short_rows_lanes(*shape, k)["draw_lanes"]
+                    for shape, reduction, _, k in CUDA_CASES if reduction == "none" and k > 2]
+    assert window_lanes and min(window_lanes) == 4, window_lanes
+
+
+def test_cuda_free_bits_cases_take_both_columns_kernels(spread_switch_on):
+    """The free-bits ones of CUDA_CASES run the columns kernel alone (small batches) and the split
+    kernel (tall batches), and the draws over lanes, so a GPU run checks each against the CPU."""
+    grids = [fastelbo._C._cuda_free_bits_grid(shape[0], shape[1], k)
+             for shape, _, free_bits, k in CUDA_CASES if free_bits > 0]
+    splits = [grid["row_splits"] for grid in grids]
+    assert min(splits) == 1 and max(splits) > 1, splits
+    assert max(grid["draw_lanes"] for grid in grids) == 32, grids
