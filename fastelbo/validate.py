@@ -7,11 +7,16 @@ same dtype (the flash-attention rule):
 
     fused error <= 2 * (same-dtype reference error) + atol,  atol = k * finfo(out dtype).eps * max(1, |oracle|)
 
-The reduced losses (kl, rec) are sums of n non-negative terms, and any summation order in unit
-roundoff u (float32 accumulation; float64 for float64 inputs) stays within (n - 1) u |sum| of the
-exact sum (the standard worst-case bound), so that much is allowed on top: the kernels may sum in any
-fixed order. In float64 that allowance is still orders of magnitude below one lost or doubled term;
-the table's "fused err" and "ref err" columns show how the two orders compare.
+The reduced losses (kl, rec) are sums of non-negative terms that the kernels add in their own fixed
+orders, so the worst-case error of those orders is allowed on top: d u |sum|, with u the unit
+roundoff (float32 accumulation; float64 for float64 inputs) and d a bound on the number of roundings
+a term goes through in any of the kernels (_summation_depth). The table's "fused err" and "ref err"
+columns show how the two orders compare.
+
+Besides the usual backward (x requires grad, random incoming gradients) each case also runs the
+reconstruction the way training does, with x needing no gradient, for an incoming gradient of
+exactly 1 and for the random one (quantities "rec@1", "grad_x_hat@1", "grad_x_hat@g"): on a GPU the
+forward then prepares x_hat's gradient, which the backward hands back or rescales.
 
 Then it checks the kernels' own random stream: moments and tails of eps, independence, reproducibility
 from a seed, and that the backward regenerates exactly the eps its forward used.
@@ -70,7 +75,9 @@ LAYOUT_REDUCTIONS = ("none", "batchmean")
 # atol in units of the output dtype's machine epsilon, times max(1, |oracle|): a few float32/float64
 # roundings; half an ulp for float16/bfloat16 outputs (a last-bit rounding difference).
 ATOL_EPS = {torch.float64: 8.0, torch.float32: 8.0, torch.float16: 0.5, torch.bfloat16: 0.5}
-QUANTITIES = ("z", "kl", "rec", "grad_mu", "grad_logvar", "grad_x_hat", "grad_x")
+QUANTITIES = ("z", "kl", "rec", "grad_mu", "grad_logvar", "grad_x_hat", "grad_x",
+              "rec@1", "grad_x_hat@1", "grad_x_hat@g")  # @: x needs no gradient (see _run)
+LOSSES = ("kl", "rec", "rec@1")  # the reduced sums, which get the summation allowance
 SIGMAS = 5.0  # statistical checks: allowed deviation in standard errors (the draws are seeded)
 # The backward's regenerated eps against each reduction's forward draws, (label suffix, reduction,
 # free_bits), on shapes that take each forward kernel (see SHAPES): one block and a sample of 6
@@ -113,15 +120,54 @@ def _max_abs(a, b):
 
 
 def _run(functions, inputs, grads, reduction, free_bits, num_samples):
-    """Forward and backward of one implementation; returns {quantity: tensor}."""
+    """Forward and backward of one implementation; returns {quantity: tensor} (QUANTITIES)."""
     mu, logvar, eps, x_hat, x = (t.detach().clone().requires_grad_(t is not inputs[2]) for t in inputs)
     z, kl = functions.reparameterize_kl(mu, logvar, reduction=reduction, free_bits=free_bits,
                                         num_samples=num_samples, eps=eps)
     rec = functions.gaussian_recon_loss(x_hat, x, reduction=reduction)
     g_z, g_kl, g_rec = grads
     torch.autograd.backward([z, kl, rec], [g_z.to(z.dtype), g_kl.to(kl.dtype), g_rec.to(rec.dtype)])
-    return {"z": z, "kl": kl, "rec": rec, "grad_mu": mu.grad, "grad_logvar": logvar.grad,
-            "grad_x_hat": x_hat.grad, "grad_x": x.grad}
+    out = {"z": z, "kl": kl, "rec": rec, "grad_mu": mu.grad, "grad_logvar": logvar.grad,
+           "grad_x_hat": x_hat.grad, "grad_x": x.grad}
+    # The training path: x (the data) needs no gradient. The fused recon then takes other branches
+    # (functional.gaussian_recon_loss, csrc/autograd.cpp): on a GPU the forward prepares x_hat's
+    # gradient for an incoming gradient of 1, and the backward hands it back when the incoming
+    # gradient is exactly 1 or rescales it otherwise; on the CPU the backward takes both branches
+    # too. Each needs its own forward: one backward frees the prepared gradient.
+    for suffix, g in (("@1", torch.ones_like(g_rec)), ("@g", g_rec)):
+        x_hat_only = inputs[3].detach().clone().requires_grad_()
+        loss = functions.gaussian_recon_loss(x_hat_only, inputs[4].detach(), reduction=reduction)
+        loss.backward(g.to(loss.dtype))
+        out["grad_x_hat" + suffix] = x_hat_only.grad
+        if suffix == "@1":
+            out["rec@1"] = loss
+    return out
+
+
+# The reduced losses are sums of non-negative terms, added in a fixed order that differs between
+# the reference (torch.sum) and the kernels. A term that goes through d rounded additions on its way
+# into the sum is off by a factor within (1 +/- u)^d, so the sum is off by at most about d u |sum|
+# (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section 4.2). d, for a sum of m
+# terms in a tensor of n elements, counted from the kernels' summation orders:
+#  - CPU (csrc/cpu): runs of 16 values then 8 lanes (recon), pairwise blocks of 64 (KL), and
+#    cascades of fan-in 16 (16 roundings per 16-fold, 4 per doubling) over the blocks, pieces and
+#    rows, and for free bits over the batch, the row blocks and the positions: d <= 4 log2(m) + 72.
+#    Reduction "none" over samples of fewer than 64 elements adds each in one run: d <= 63.
+#  - CUDA (csrc/cuda): a thread's own grid-stride run (up to 4 chunks of up to 8 elements plus the
+#    tail chunk on the small grids, else n / 135168 + 16 elements, 135168 threads being the
+#    largest grid; in the rows kernels up to 2 n / 135168 + 16), a block's butterfly (10), the
+#    partials in runs of at most 33 (ticket or tiles of a row) and another butterfly (10); the
+#    free-bits columns are Kahan-compensated sums (2 u + O(r u^2) for a run of r, counted as 3),
+#    then at most 4 n / 135168 + 8 floored positions per thread (18 in the split kernel):
+#    d <= 72 + 4 n / 135168.
+# Both are within d <= 4 (ceil(log2 m) + L), L = 32 + ceil(n / 32768): about twice the counts
+# above, as a margin for a miscount. At validate's largest shape (300002 elements) that is 244 u,
+# 1.5e-5 relative in float32: a loss 0.01% off fails (the old allowance, (m - 1) u, let 1.8% pass).
+# The rounding of the terms themselves is left to the 2 x reference error + atol rule.
+def _summation_depth(terms, numel):
+    """A bound on the roundings each of `terms` summed terms goes through, in a tensor of `numel`."""
+    longest_run = 32 + math.ceil(numel / 32768)
+    return 4 * (math.ceil(math.log2(max(terms, 1))) + longest_run)
 
 
 def _make_inputs(shape, num_samples, per_sample_loss, seed):
@@ -179,12 +225,13 @@ def check_case(fused, oracle_impl, device, dtype, label, reduction, free_bits, n
                        f"{name}: dtype {got[name].dtype} but the reference gives {out_dtype}")
         err = _max_abs(got[name], want)
         ref_err = _max_abs(same_dtype[name], want)
-        scale = max(1.0, float(want.detach().abs().max()) if want.numel() else 1.0)
-        allowed = 2.0 * ref_err + ATOL_EPS[out_dtype] * torch.finfo(out_dtype).eps * scale
-        if name in ("kl", "rec"):
-            terms = math.prod(shape) if reduction != "none" else math.prod(shape[1:])
+        largest = float(want.detach().abs().max()) if want.numel() else 0.0
+        allowed = 2.0 * ref_err + ATOL_EPS[out_dtype] * torch.finfo(out_dtype).eps * max(1.0, largest)
+        if name in LOSSES:  # relative to the sum itself (a per-sample sum for "none"): no floor of 1
+            numel = math.prod(shape)
+            terms = numel if reduction != "none" else math.prod(shape[1:])
             unit_roundoff = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
-            allowed += max(terms - 1, 0) * unit_roundoff * scale
+            allowed += _summation_depth(terms, numel) * unit_roundoff * largest
         ratio = err / allowed if allowed > 0 else (0.0 if err == 0 else math.inf)
         if not err <= allowed:
             ok = False
@@ -231,8 +278,24 @@ def _rng_row(device, dtype, check, shape, measured, allowed, note="", worst="sig
     return Row(device, _dtype_name(dtype), check, _shape_str(shape), worst, measured, math.nan, allowed, ok, note)
 
 
-def check_rng(fused, device, seed):
-    """Rows for the fused sampler's random stream on one device."""
+def check_rng(fused, device, seed, dtypes=None):
+    """Rows for the fused sampler's random stream on one device, for those of `dtypes` (default:
+    all) that a row is about: the stream's statistics and reproducibility are drawn in float32, the
+    backward's regenerated eps is checked in float64 and float32, and |mu| >> std in float16 and
+    bfloat16 (each row one dtype)."""
+    wanted = set(DTYPES.values()) if dtypes is None else set(dtypes)
+    rows = []
+    f32 = torch.float32
+    if f32 in wanted:
+        rows += _check_rng_stream(fused, device, seed)
+    rows += _check_rng_backward(fused, device, seed, [d for d in (torch.float64, f32) if d in wanted])
+    rows += _check_rng_backward_cancelling(fused, device, seed,
+                                           [d for d in (torch.float16, torch.bfloat16) if d in wanted])
+    return rows
+
+
+def _check_rng_stream(fused, device, seed):
+    """float32 rows: moments, tails and independence of the draws, and their reproducibility."""
     rows = []
     f32 = torch.float32
 
@@ -286,14 +349,19 @@ def check_rng(fused, device, seed):
         problems.append("consecutive draws were equal")
     rows.append(Row(device, "float32", "rng reproducible", _shape_str(small.shape), "draws", float(len(problems)),
                     math.nan, 0.0, not problems, "; ".join(problems)))
+    return rows
 
+
+def _check_rng_backward(fused, device, seed, dtypes):
+    """Rows (float64, float32 in `dtypes`): the backward uses the eps of its own forward."""
+    rows = []
     # The backward regenerates the forward's eps: with mu = 0 and logvar = 0, z = eps, so
     # d/dmu = g and d/dlogvar = 1/2 g z exactly. Two forwards run before the two backwards, so a
     # backward that redraws from the generator's current state (not the saved one) shows up. Each
     # reduction's forward draws in its own kernels (on a GPU: one block, the draws over lanes, several
     # samples per warp, the rows and the columns kernels, and the columns split over a tall batch:
     # RNG_BACKWARD_SHAPES), and the one backward must regenerate what each of them drew.
-    for dtype in (torch.float64, torch.float32):
+    for dtype in dtypes:
         for k in (1, 3):
             for suffix, reduction, free_bits in RNG_BACKWARD_CASES:
                 worst = (-1.0, 0.0, 0.0, "", RNG_BACKWARD_SHAPES[0])  # (err / allowed, err, allowed, name, shape)
@@ -322,10 +390,15 @@ def check_rng(fused, device, seed):
                 label = "rng backward eps" + suffix + (f" K={k}" if k > 1 else "")
                 rows.append(Row(device, _dtype_name(dtype), label, _shape_str(shape), name, err, math.nan, allowed,
                                 err <= allowed, "" if err <= allowed else "backward did not reuse the forward's eps"))
+    return rows
 
+
+def _check_rng_backward_cancelling(fused, device, seed, dtypes):
+    """Rows (float16, bfloat16 in `dtypes`): the backward's eps where (z - mu) / std would cancel."""
+    rows = []
     # Same, in half precision with |mu| >> std, where (z - mu) / std would cancel catastrophically:
     # eps comes from a draw with mu = 0, logvar = 0 and the same seed (z = eps in this dtype).
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         shape = (9, 31)
         zeros = torch.zeros(shape, device=device, dtype=dtype)
         eps, _ = fused.reparameterize_kl(zeros, zeros, generator=_generator(device, seed + 7))
@@ -369,7 +442,7 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
     fused / reference_impl: objects with reparameterize_kl and gaussian_recon_loss (default: the
     module attributes FUSED and REFERENCE). devices, dtypes, cases, shapes: subsets of
     available_devices(), DTYPES.values(), CASES, SHAPES (default: all). rng: also run the random
-    stream checks. on_row(row) is called as each row completes.
+    stream checks (those of `dtypes`: see check_rng). on_row(row) is called as each row completes.
     """
     fused = FUSED if fused is None else fused
     reference_impl = REFERENCE if reference_impl is None else reference_impl
@@ -422,21 +495,21 @@ def validate(*, fused=None, reference_impl=None, devices=None, dtypes=None, case
             add(row)
         if rng:
             try:
-                for row in check_rng(fused, device, seed):
+                for row in check_rng(fused, device, seed, dtypes):
                     add(row)
             except Exception as error:
                 add(failed(device, torch.float32, "rng", (), error))
     return rows
 
 
-HEADER = f"{'device':<6} {'dtype':<8} {'check':<30} {'shape':<11} {'worst':<11} {'fused err':>10} {'ref err':>10} {'allowed':>10}  result"
+HEADER = f"{'device':<6} {'dtype':<8} {'check':<30} {'shape':<11} {'worst':<12} {'fused err':>10} {'ref err':>10} {'allowed':>10}  result"
 
 
 def format_row(row):
     def num(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:10.3g}"
 
-    text = (f"{row.device:<6} {row.dtype:<8} {row.check:<30} {row.shape:<11} {row.worst:<11} "
+    text = (f"{row.device:<6} {row.dtype:<8} {row.check:<30} {row.shape:<11} {row.worst:<12} "
             f"{num(row.err):>10} {num(row.ref_err):>10} {num(row.allowed):>10}  {'ok' if row.ok else 'FAIL'}")
     if row.note and (not row.ok or row.check.startswith("rng moments")):
         text += f"  {row.note}"
@@ -469,7 +542,10 @@ def add_arguments(parser):
     parser.add_argument("--device", type=_device_choice, default="all", metavar="{all,cpu,cuda}",
                         help="devices to check (default: all present: cpu, and cuda when available)")
     parser.add_argument("--dtype", action="append", type=_dtype_choice, default=None, metavar="{" + ",".join(DTYPES) + "}",
-                        help="dtype to check; repeat for several (default: all four)")
+                        help="dtype to check; repeat for several (default: all four). The rng rows run for the "
+                             "dtypes given too: the stream's statistics and reproducibility with float32, its "
+                             "regeneration in the backward with float64 and float32, |mu| >> std with float16 "
+                             "and bfloat16")
     parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--failures-only", action="store_true", help="print only the rows that fail")
 
@@ -481,8 +557,9 @@ def run(args):
     dtypes = [DTYPES[name] for name in args.dtype] if args.dtype else None
     print(f"fastelbo validate: fused ops vs fastelbo.reference on {', '.join(devices)}; "
           "values and gradients with a shared eps, against the float64 reference;")
-    print("allowed = 2 x (the reference's own error in the same dtype) + atol (+ the worst-case summation")
-    print("bound (n - 1) u |sum| for kl and rec); rng rows: the statistic vs its limit (sigmas, ratios, counts)")
+    print("allowed = 2 x (the reference's own error in the same dtype) + atol (+ d u |sum| for the losses,")
+    print("d bounding the roundings of the kernels' summation orders); @: x needs no gradient, incoming")
+    print("gradient 1 or g; rng rows: the statistic vs its limit (sigmas, ratios, counts)")
     print(HEADER)
     start = time.perf_counter()
 

@@ -95,6 +95,58 @@ def _free_bits_dropped_with_draws(mu, logvar, *, free_bits=0.0, num_samples=1, *
                                         num_samples=num_samples, **kw)
 
 
+def _recon_off_by_one_percent_when_large(x_hat, x, *, reduction="batchmean"):
+    # A bug confined to the large grids of the reducing kernels ("none" has kernels of its own):
+    # the value 1% off, gradients right. The summation allowance of (terms - 1) u |sum| let it pass.
+    loss = functional.gaussian_recon_loss(x_hat, x, reduction=reduction)
+    return loss + 0.01 * loss.detach() if x_hat.numel() > 100_000 and reduction != "none" else loss
+
+
+class _MapIncomingGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss, grad_map):
+        ctx.grad_map = grad_map
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grad_map(grad), None
+
+
+def _recon_with_x_constant(grad_map):
+    """gaussian_recon_loss whose incoming gradient goes through grad_map when x needs no gradient
+    (the training path, whose own branches can break alone)."""
+    def recon(x_hat, x, **kw):
+        loss = functional.gaussian_recon_loss(x_hat, x, **kw)
+        return loss if x.requires_grad else _MapIncomingGrad.apply(loss, grad_map)
+    return recon
+
+
+class _EpsFromZ(torch.autograd.Function):
+    """z passes through; the backward recovers eps as (z - mu) / std from the rounded z, which
+    DESIGN.md section 1 forbids (in 16-bit it cancels when |mu| >> std)."""
+    @staticmethod
+    def forward(ctx, z, mu, logvar):
+        ctx.save_for_backward(z, mu, logvar)
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, mu, logvar = ctx.saved_tensors
+        acc = torch.float64 if mu.dtype == torch.float64 else torch.float32  # as the kernels compute
+        std = torch.exp(0.5 * logvar.to(acc))
+        eps = (z.to(acc) - mu.to(acc)) / std
+        grad_mu, grad_logvar = grad.to(acc), 0.5 * grad.to(acc) * std * eps
+        if z.dim() > mu.dim():  # num_samples > 1: the draws' gradients add up
+            grad_mu, grad_logvar = grad_mu.sum(0), grad_logvar.sum(0)
+        return None, grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+
+
+def _backward_eps_from_z(mu, logvar, **kw):
+    z, kl = functional.reparameterize_kl(mu, logvar, **kw)  # kl keeps the fused op's gradient
+    return _EpsFromZ.apply(z.detach(), mu, logvar), kl
+
+
 BROKEN = {
     "kl doubled": (dict(reparameterize_kl=_kl_doubled), "kl"),
     "logvar gradient 1% off": (dict(reparameterize_kl=_logvar_grad_off_by_one_percent), "grad_logvar"),
@@ -105,7 +157,16 @@ BROKEN = {
     "backward redraws eps": (dict(reparameterize_kl=_backward_redraws_eps), "rng backward eps"),
     "none's backward redraws eps": (dict(reparameterize_kl=_none_backward_redraws_eps), "rng backward eps none"),
     "free bits dropped with K > 1": (dict(reparameterize_kl=_free_bits_dropped_with_draws), "sum fb=0.6 K=3"),
+    "reduced recon 1% off above 100,000 elements": (dict(gaussian_recon_loss=_recon_off_by_one_percent_when_large),
+                                                    "rec"),
+    "x constant: gradient not scaled": (dict(gaussian_recon_loss=_recon_with_x_constant(torch.ones_like)),
+                                        "grad_x_hat@g"),
+    "x constant: gradient of exactly 1 mishandled": (
+        dict(gaussian_recon_loss=_recon_with_x_constant(lambda g: torch.where(g == 1, 1.01 * g, g))), "grad_x_hat@1"),
+    "backward eps from (z - mu) / std": (dict(reparameterize_kl=_backward_eps_from_z), "rng backward eps |mu|>>std"),
 }
+# The shapes each broken op is checked on: SMALL_SHAPES, unless it only shows at a large size.
+LARGE_SHAPE = {"reduced recon 1% off above 100,000 elements": (2, 150001)}
 
 
 def _implementation(**overrides):
@@ -122,9 +183,12 @@ SMALL_SHAPES = ((1, 1), (3, 5), (2, 3, 5, 7))
 def test_validator_catches_a_broken_op(name):
     overrides, caught_by = BROKEN[name]
     dtype = torch.float64 if name == "z through bfloat16" else torch.float32
-    rng_only = caught_by.startswith("rng")  # these pass every shared-eps check by construction
-    rows = validate.validate(fused=_implementation(**overrides), devices=["cpu"],
-                             dtypes=[] if rng_only else [dtype], shapes=SMALL_SHAPES, rng=rng_only)
+    if caught_by.startswith("rng"):  # these pass every shared-eps check by construction
+        rows = validate.check_rng(_implementation(**overrides), "cpu", seed=0)
+    else:
+        shapes = (LARGE_SHAPE[name],) if name in LARGE_SHAPE else SMALL_SHAPES
+        rows = validate.validate(fused=_implementation(**overrides), devices=["cpu"], dtypes=[dtype], shapes=shapes,
+                                 rng=False)
     failed = [row for row in rows if not row.ok]
     assert failed, f"the validator missed: {name}"
     assert any(caught_by in (row.worst, row.check) or row.check.startswith(caught_by) for row in failed), (
@@ -147,6 +211,23 @@ def test_validate_command_exits_1_with_a_broken_op_swapped_in(monkeypatch, capsy
     assert code == 1
     assert "FAIL" in out
     assert " ok" not in out  # --failures-only
+
+
+@pytest.mark.parametrize("dtype", list(validate.DTYPES.values()))
+def test_rng_rows_follow_the_dtypes(dtype):
+    rows = validate.check_rng(functional, "cpu", seed=0, dtypes=[dtype])
+    assert rows and all(row.dtype == str(dtype).replace("torch.", "") for row in rows), [
+        (row.dtype, row.check) for row in rows]
+
+
+def test_validate_command_dtype_restricts_the_rng_rows_too(monkeypatch, capsys):
+    monkeypatch.setattr(validate, "SHAPES", SMALL_SHAPES)  # keeps the test fast
+    code = cli.main(["validate", "--device", "cpu", "--dtype", "bf16"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("cpu ")]
+    assert code == 0, out
+    assert {row[1] for row in rows} == {"bfloat16"}, out
+    assert any(row[2] == "rng" for row in rows), out
 
 
 def test_a_crashing_op_is_a_failed_row_not_a_crash():
