@@ -1,11 +1,13 @@
 """Shared fixtures and helpers of fastelbo's test suite.
 
 - `device`: every test that takes it runs on "cpu" and, when a GPU is present, on "cuda".
-- DTYPES / TOLERANCES: Liger-Kernel style (dtype, atol, rtol) tables.
+- DTYPES / TOLERANCES: the dtypes under test and each one's relative slack.
 - `sample_inputs` / `recon_inputs`: fresh random inputs (seeded per test, so failures reproduce).
 - `assert_close_fp64`: the flash-attention style check for every dtype: the fused result's error
   against fastelbo.reference run on float64 copies must be at most twice the error of
-  fastelbo.reference run in the same dtype, plus a few units of the dtype's eps.
+  fastelbo.reference run in the same dtype, plus a few units of the dtype's eps relative to the
+  largest reference value (never an absolute slack: small outputs are checked as strictly as
+  large ones).
 - `run_with_grads`: runs a function on detached leaf copies and returns outputs and gradients.
 """
 import zlib
@@ -39,21 +41,25 @@ def requires_cuda(test):
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 
-# (dtype, atol, rtol): the slack allowed ON TOP OF twice the error of the plain-PyTorch reference
-# in the same dtype, keyed by the dtype of the compared tensor (z and gradients come in the input
-# dtype, losses in float32 for half inputs). A few units of the dtype's eps for float32 and the
-# half types. float64 has no higher-precision oracle here (the reference in float64 *is* the
-# oracle, so the same-dtype error is 0): its slack is the budget for a different summation order
-# over up to a few thousand sequential float64 additions (~1e3 eps), still 5 orders of magnitude
-# below what float32 arithmetic anywhere in the kernel would cost.
+# (dtype, rtol): the slack allowed ON TOP OF twice the error of the plain-PyTorch reference in the
+# same dtype, as a fraction of the largest float64 reference value, keyed by the dtype of the
+# compared tensor (z and gradients come in the input dtype, losses in float32 for half inputs).
+# Relative, not absolute: an absolute slack of one eps left every output below ~eps unchecked
+# (bfloat16 gradients with reduction="mean", scaled by 1/numel, could lose their whole KL term).
+# Two units of the dtype's eps for the half types, eight for float32 (a kernel summing in another
+# fixed order than the reference leans mostly on the same-dtype error term, not on this). float64
+# has no higher-precision oracle here (the reference in float64 *is* the oracle, so the same-dtype
+# error is 0): its slack is the budget for a different summation order over up to a few thousand
+# sequential float64 additions (~1e4 eps), still some 60000 times below what float32 arithmetic
+# anywhere in the kernel would cost.
 DTYPE_TOLERANCES = [
-    (torch.float64, 1e-12, 1e-12),
-    (torch.float32, 4 * torch.finfo(torch.float32).eps, 4 * torch.finfo(torch.float32).eps),
-    (torch.bfloat16, torch.finfo(torch.bfloat16).eps, torch.finfo(torch.bfloat16).eps),
-    (torch.float16, torch.finfo(torch.float16).eps, torch.finfo(torch.float16).eps),
+    (torch.float64, 2e-12),
+    (torch.float32, 8 * torch.finfo(torch.float32).eps),
+    (torch.bfloat16, 2 * torch.finfo(torch.bfloat16).eps),
+    (torch.float16, 2 * torch.finfo(torch.float16).eps),
 ]
-TOLERANCES = {dtype: (atol, rtol) for dtype, atol, rtol in DTYPE_TOLERANCES}
-DTYPES = [dtype for dtype, _, _ in DTYPE_TOLERANCES]
+TOLERANCES = dict(DTYPE_TOLERANCES)
+DTYPES = [dtype for dtype, _ in DTYPE_TOLERANCES]
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -143,10 +149,11 @@ def max_abs(t):
 
 
 def assert_close_fp64(actual, ref_same, ref64, name="", *, check_dtype=True):
-    """Flash-attention style: max|actual - ref64| <= 2 max|ref_same - ref64| + atol + rtol max|ref64|.
+    """Flash-attention style: max|actual - ref64| <= 2 max|ref_same - ref64| + rtol max|ref64|.
 
     actual: the fused result; ref_same: fastelbo.reference in the same dtype; ref64: fastelbo.reference
-    on float64 copies. Shapes must match; dtypes of actual and ref_same too (check_dtype)."""
+    on float64 copies. Shapes must match; dtypes of actual and ref_same too (check_dtype). No
+    absolute slack: where both references are all zero, the result must be exactly zero."""
     assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
     assert ref_same.shape == ref64.shape
     if check_dtype:
@@ -156,10 +163,10 @@ def assert_close_fp64(actual, ref_same, ref64, name="", *, check_dtype=True):
     assert not torch.isnan(a).any(), f"{name}: NaN in the fused result"
     if a.numel() == 0:
         return
-    atol, rtol = TOLERANCES[actual.dtype]
+    rtol = TOLERANCES[actual.dtype]
     err = max_abs(a - r)
     ref_err = max_abs(s - r)
-    bound = 2 * ref_err + atol + rtol * max_abs(r)
+    bound = 2 * ref_err + rtol * max_abs(r)
     assert err <= bound, (
         f"{name} ({actual.dtype}): max error vs float64 reference {err:.3e} > bound {bound:.3e} "
         f"(plain-PyTorch error in the same dtype {ref_err:.3e}, max |ref| {max_abs(r):.3e})"

@@ -444,11 +444,12 @@ def every_output(shape, dtype, seed, reductions=REDUCTIONS):
     + [((2, 16389), torch.float32)],
     ids=[f"{s}-{dtype_id(d)}" for s in ["3x7", "2x3x5"] for d in DTYPES] + ["2x16389-float32"],
 )
-def test_every_output_written(junk_fill, shape, dtype):
-    """CPU only (the junk fill is a CPU allocator flag). Every output is computed twice: with new
-    CPU allocations junk-filled (NaN for float32 outputs, other garbage for the other dtypes) and
-    without; an element a kernel forgets to write would hold junk in one run and not the other.
-    The values themselves are checked against float64 math by the other tests."""
+def test_every_output_written(junk_fill, shape, dtype, cpu_code_path):
+    """CPU only (the junk fill is a CPU allocator flag), on the vector paths and on the portable
+    scalar code. Every output is computed twice: with new CPU allocations junk-filled (NaN for
+    float32 outputs, other garbage for the other dtypes) and without; an element a kernel forgets
+    to write would hold junk in one run and not the other. The values themselves are checked
+    against float64 math by the other tests."""
     seed = stable_seed("junk", shape, dtype)
     # at the large size, one unreduced and one reduced case keep the test fast
     reductions = REDUCTIONS if shape[-1] < 1000 else ("none", "mean")

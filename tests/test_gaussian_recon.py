@@ -228,6 +228,46 @@ def test_recon_sum_accuracy_one_large_term(device, dtype):
     assert_close_fp64(loss, loss_same, loss64, "loss")
 
 
+# Past 128K elements: the CUDA forward leaves its one-block shapes for a grid of blocks whose
+# partial sums the last block to finish adds (a ticket); odd row lengths leave tails everywhere.
+MULTI_BLOCK_SHAPES = [(4, 100003), (2, 150001)]
+
+
+@pytest.mark.parametrize("shape", MULTI_BLOCK_SHAPES, ids=["x".join(map(str, s)) for s in MULTI_BLOCK_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_multi_block_values_and_grads(device, reduction, dtype, shape):
+    """Values and gradients (x_hat and x) at sizes that take several blocks, with a grad_output
+    that is not 1."""
+    seed = stable_seed("multi-block", reduction, dtype, shape)
+    x_hat, x = recon_inputs(shape, dtype, device, seed=seed, x_grad=True)
+    loss = fused(reduction)(x_hat.detach(), x.detach())
+    grad_output = random_grad_outputs((loss,), reduction, seed=seed + 1)
+    compare_three_ways(fused(reduction), ref(reduction), (x_hat, x), grad_output, ("x_hat", "x"))
+
+
+def test_recon_sum_accuracy_many_equal_terms(device):
+    """Millions of equal terms (x_hat - x = 0.4472: about 0.1 each), like the KL's test of the
+    same name: added one after another in float32 their sum drifts (each rounding has the same
+    sign). Whole-tensor sums over short samples and per-sample sums over long rows, judged like
+    every other value: within 2x the same-dtype plain-PyTorch error."""
+    failures = []
+    short_samples, long_rows = ("sum", "mean"), ("none", "batchmean")
+    for (B, D), reductions in (((2**22, 1), short_samples), ((2**20, 4), short_samples), ((2, 2**21), long_rows)):
+        x_hat = torch.full((B, D), 0.4472, device=device)
+        x = torch.zeros((B, D), device=device)
+        x_hat64, x64 = x_hat.double(), x.double()
+        for reduction in reductions:
+            loss = fused(reduction)(x_hat, x)
+            loss_same = ref(reduction)(x_hat, x)
+            loss64 = ref(reduction)(x_hat64, x64)
+            try:
+                assert_close_fp64(loss, loss_same, loss64, f"loss ({B}, {D}) {reduction}")
+            except AssertionError as error:
+                failures.append(str(error).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("weight", [1.0, 3.0], ids=["loss.backward()", "scaled"])
 def test_loss_step_runs_no_fill_or_copy_over_the_data(device, weight):
     """A training step through both ops does no x_hat-sized fill, zero or copy besides the fused

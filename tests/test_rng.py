@@ -15,6 +15,7 @@ from fastelbo import reference
 
 from conftest import (
     REDUCTIONS,
+    assert_close_fp64,
     random_grad_outputs,
     recon_inputs,
     run_with_grads,
@@ -339,15 +340,22 @@ def test_short_samples_over_several_tasks(device, restore_num_threads, reduction
     assert_same_bits_under_threads(lambda: run()[0])
 
     (z, kl, rec, g_mu, g_logvar, g_x_hat), g_out, g_rec = run()
-    m, lv, xh = (t.detach().double().requires_grad_() for t in (mu, logvar, x_hat))
-    xv = x.detach().double()
-    eps = (z.detach().double() - m.detach()) / torch.exp(0.5 * lv.detach())
-    f = lambda m_, lv_, xh_: (*reference.reparameterize_kl(m_, lv_, reduction=reduction, num_samples=2, eps=eps),
-                             reference.gaussian_recon_loss(xh_, xv, reduction=reduction))
-    (z64, kl64, rec64), grads64 = run_with_grads(f, (m, lv, xh), (*(t.double() for t in g_out), g_rec.double()))
-    for name, got, want in (("kl", kl, kl64), ("rec", rec, rec64), ("grad_mu", g_mu, grads64[0]),
-                            ("grad_logvar", g_logvar, grads64[1]), ("grad_x_hat", g_x_hat, grads64[2])):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
+    eps = (z.detach().double() - mu.detach().double()) / torch.exp(0.5 * logvar.detach().double())
+
+    def reference_in(dtype):
+        """The plain-PyTorch functions on `dtype` copies of the inputs, with the kernel's eps."""
+        f = lambda m, lv, xh: (*reference.reparameterize_kl(m, lv, reduction=reduction, num_samples=2,
+                                                            eps=eps.to(dtype)),
+                               reference.gaussian_recon_loss(xh, x.detach().to(dtype), reduction=reduction))
+        return run_with_grads(f, (mu, logvar, x_hat), (*g_out, g_rec), dtype=dtype)
+
+    (_, kl_same, rec_same), grads_same = reference_in(torch.float32)
+    (_, kl64, rec64), grads64 = reference_in(torch.float64)
+    for name, got, same, want in (("kl", kl, kl_same, kl64), ("rec", rec, rec_same, rec64),
+                                  ("grad_mu", g_mu, grads_same[0], grads64[0]),
+                                  ("grad_logvar", g_logvar, grads_same[1], grads64[1]),
+                                  ("grad_x_hat", g_x_hat, grads_same[2], grads64[2])):
+        assert_close_fp64(got, same, want, name)
 
 
 def test_free_bits_over_several_row_blocks(device, restore_num_threads, cpu_code_path):
@@ -371,17 +379,24 @@ def test_free_bits_over_several_row_blocks(device, restore_num_threads, cpu_code
     assert_same_bits_under_threads(lambda: run()[0])
 
     (z, kl, g_mu, g_logvar), g_z = run()
-    m, lv = (t.detach().double().requires_grad_() for t in (mu, logvar))
-    eps = (z.detach().double() - m.detach()) / torch.exp(0.5 * lv.detach())
+    m, lv = (t.detach().double() for t in (mu, logvar))
+    eps = (z.detach().double() - m) / torch.exp(0.5 * lv)
     kl_element = 0.5 * (m * m + torch.expm1(lv) - lv)
-    floored = (kl_element.detach().mean(dim=0) < free_bits)
+    floored = (kl_element.mean(dim=0) < free_bits)
     assert 0 < floored.sum() < shape[1], "the floor should floor some positions and not others"
-    f = lambda m_, lv_: reference.reparameterize_kl(m_, lv_, reduction="batchmean", num_samples=2, eps=eps,
-                                                    free_bits=free_bits)
-    (z64, kl64), (g_mu64, g_logvar64) = run_with_grads(
-        f, (m, lv), (g_z.double(), torch.tensor(1.3, dtype=torch.float64, device=device)))
-    for name, got, want in (("z", z, z64), ("kl", kl, kl64), ("grad_mu", g_mu, g_mu64), ("grad_logvar", g_logvar, g_logvar64)):
-        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5, msg=lambda msg: f"{name}: {msg}")
+
+    def reference_in(dtype):
+        """The plain-PyTorch function on `dtype` copies of the inputs, with the kernel's eps."""
+        f = lambda m_, lv_: reference.reparameterize_kl(m_, lv_, reduction="batchmean", num_samples=2,
+                                                        eps=eps.to(dtype), free_bits=free_bits)
+        return run_with_grads(f, (mu, logvar), (g_z, torch.tensor(1.3, device=device)), dtype=dtype)
+
+    (z_same, kl_same), (g_mu_same, g_logvar_same) = reference_in(torch.float32)
+    (z64, kl64), (g_mu64, g_logvar64) = reference_in(torch.float64)
+    for name, got, same, want in (("z", z, z_same, z64), ("kl", kl, kl_same, kl64),
+                                  ("grad_mu", g_mu, g_mu_same, g_mu64),
+                                  ("grad_logvar", g_logvar, g_logvar_same, g_logvar64)):
+        assert_close_fp64(got, same, want, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
