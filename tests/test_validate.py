@@ -29,15 +29,16 @@ def test_validate_command_passes(capsys, device, cpu_code_path):
 
 # ---- deliberately broken implementations --------------------------------------------------------
 
-class _ScaleGrad(torch.autograd.Function):
+class _MapGrad(torch.autograd.Function):
+    """t itself, whose incoming gradient goes through grad_map on its way back."""
     @staticmethod
-    def forward(ctx, t, factor):
-        ctx.factor = factor
+    def forward(ctx, t, grad_map):
+        ctx.grad_map = grad_map
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.factor, None
+        return ctx.grad_map(grad), None
 
 
 def _kl_doubled(mu, logvar, **kw):
@@ -46,7 +47,7 @@ def _kl_doubled(mu, logvar, **kw):
 
 
 def _logvar_grad_off_by_one_percent(mu, logvar, **kw):
-    return functional.reparameterize_kl(mu, _ScaleGrad.apply(logvar, 1.01), **kw)
+    return functional.reparameterize_kl(mu, _MapGrad.apply(logvar, lambda g: g * 1.01), **kw)
 
 
 def _z_rounded_through_half(mu, logvar, **kw):
@@ -102,23 +103,12 @@ def _recon_off_by_one_percent_when_large(x_hat, x, *, reduction="batchmean"):
     return loss + 0.01 * loss.detach() if x_hat.numel() > 100_000 and reduction != "none" else loss
 
 
-class _MapIncomingGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, loss, grad_map):
-        ctx.grad_map = grad_map
-        return loss.view_as(loss)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.grad_map(grad), None
-
-
 def _recon_with_x_constant(grad_map):
     """gaussian_recon_loss whose incoming gradient goes through grad_map when x needs no gradient
     (the training path, whose own branches can break alone)."""
     def recon(x_hat, x, **kw):
         loss = functional.gaussian_recon_loss(x_hat, x, **kw)
-        return loss if x.requires_grad else _MapIncomingGrad.apply(loss, grad_map)
+        return loss if x.requires_grad else _MapGrad.apply(loss, grad_map)
     return recon
 
 
