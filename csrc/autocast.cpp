@@ -21,25 +21,24 @@
 #include <optional>
 #include <tuple>
 
+#include "fastelbo.h"
 #include "op_handles.h"
 
 namespace fastelbo {
 namespace {
 
-// The widest floating dtype among the defined floating tensors (std::nullopt if there is none).
-// Non-floating tensors are left out: the op itself rejects them with its usual TypeError.
-std::optional<at::ScalarType> widest_floating(std::initializer_list<const at::Tensor*> tensors) {
-  std::optional<at::ScalarType> widest;
-  for (const at::Tensor* t : tensors) {
-    if (t == nullptr || !t->defined() || !at::isFloatingType(t->scalar_type())) continue;
-    widest = widest ? at::promote_types(*widest, t->scalar_type()) : t->scalar_type();
+// The widest dtype among the given tensors (null pointers skipped), each of them one of the four
+// computed dtypes by then (the kernels below check first).
+at::ScalarType widest_dtype(const at::Tensor& first, std::initializer_list<const at::Tensor*> others) {
+  at::ScalarType widest = first.scalar_type();
+  for (const at::Tensor* t : others) {
+    if (t != nullptr) widest = at::promote_types(widest, t->scalar_type());
   }
   return widest;
 }
 
-at::Tensor cast_floating(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
-  if (!dtype || !t.defined() || !at::isFloatingType(t.scalar_type()) || t.scalar_type() == *dtype) return t;
-  return t.to(*dtype);
+at::Tensor cast_to(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
 ReparamKLResult reparameterize_kl_autocast(const at::Tensor& mu, const at::Tensor& logvar,
@@ -48,19 +47,21 @@ ReparamKLResult reparameterize_kl_autocast(const at::Tensor& mu, const at::Tenso
                                            int64_t reduction, double free_bits) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   static const auto op = typed_op<ReparamKLOp>("fastelbo::reparameterize_kl");
-  const auto dtype = widest_floating({&mu, &logvar, eps ? &*eps : nullptr});
-  const std::optional<at::Tensor> eps_cast =
-      eps ? std::optional<at::Tensor>(cast_floating(*eps, dtype)) : std::nullopt;
-  return op.call(cast_floating(mu, dtype), cast_floating(logvar, dtype), eps_cast, std::move(generator),
-                 num_samples, reduction, free_bits);
+  // The op's own checks but for the dtypes' agreement, before any cast (see DtypeRule).
+  check_reparameterize_kl(mu, logvar, eps, num_samples, reduction, free_bits, DtypeRule::kEachSupported);
+  const at::ScalarType dtype = widest_dtype(mu, {&logvar, eps ? &*eps : nullptr});
+  const std::optional<at::Tensor> eps_cast = eps ? std::optional<at::Tensor>(cast_to(*eps, dtype)) : std::nullopt;
+  return op.call(cast_to(mu, dtype), cast_to(logvar, dtype), eps_cast, std::move(generator), num_samples,
+                 reduction, free_bits);
 }
 
 TensorPair gaussian_recon_loss_autocast(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
                                         bool save_grad_unit) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   static const auto op = typed_op<GaussianReconLossOp>("fastelbo::gaussian_recon_loss");
-  const auto dtype = widest_floating({&x_hat, &x});
-  return op.call(cast_floating(x_hat, dtype), cast_floating(x, dtype), reduction, save_grad_unit);
+  check_gaussian_recon_loss(x_hat, x, reduction, DtypeRule::kEachSupported);  // (as above)
+  const at::ScalarType dtype = widest_dtype(x_hat, {&x});
+  return op.call(cast_to(x_hat, dtype), cast_to(x, dtype), reduction, save_grad_unit);
 }
 
 }  // namespace

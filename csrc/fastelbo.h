@@ -38,10 +38,17 @@ std::string number_str(int64_t value);
 std::string number_str(double value);
 std::string shape_str(at::IntArrayRef shape);
 
+// How the argument checks treat the floating tensors' dtypes. kSame: each must have the first
+// one's dtype (the ops: mixed dtypes are a TypeError). kEachSupported: each must be one of the four
+// computed dtypes, but they may differ: the autocast kernels check that way before they promote, so
+// that a shape or device error (or a float8 tensor, which torch cannot promote) is the op's own
+// error, raised before a cast kernel runs.
+enum class DtypeRule { kSame, kEachSupported };
+
 // ---- reparameterize_kl ----------------------------------------------------------------------
 void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                              const std::optional<at::Tensor>& eps, int64_t num_samples,
-                             int64_t reduction, double free_bits);
+                             int64_t reduction, double free_bits, DtypeRule dtypes = DtypeRule::kSame);
 
 struct ReparamKLOutputs {
   at::Tensor z;                 // (K, *mu.shape) for K > 1, else mu.shape; mu's dtype
@@ -66,7 +73,8 @@ void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
                                       int64_t reduction, double free_bits);
 
 // ---- gaussian_recon_loss --------------------------------------------------------------------
-void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction);
+void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+                               DtypeRule dtypes = DtypeRule::kSame);
 
 // (B,) for "none", else a scalar, in loss_dtype.
 at::Tensor allocate_recon_loss(const at::Tensor& x_hat, int64_t reduction);

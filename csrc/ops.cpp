@@ -121,6 +121,16 @@ void check_same_dtype(const char* op, const char* name, const at::Tensor& t, con
                    ref_name, " ", ref.scalar_type());
 }
 
+// t's dtype against ref's under `rule` (fastelbo.h, DtypeRule); ref itself is checked on its own.
+void check_dtype_by_rule(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                         const at::Tensor& ref, DtypeRule rule) {
+  if (rule == DtypeRule::kSame) {
+    check_same_dtype(op, name, t, ref_name, ref);
+  } else {
+    check_float_tensor(op, name, t);
+  }
+}
+
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                        const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " and ", ref_name,
@@ -170,10 +180,10 @@ double reduction_scale(int64_t reduction, const BatchLayout& layout) {
 
 void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                              const std::optional<at::Tensor>& eps, int64_t num_samples,
-                             int64_t reduction, double free_bits) {
+                             int64_t reduction, double free_bits, DtypeRule dtypes) {
   constexpr const char* op = "reparameterize_kl";
   check_float_tensor(op, "mu", mu);
-  check_same_dtype(op, "logvar", logvar, "mu", mu);
+  check_dtype_by_rule(op, "logvar", logvar, "mu", mu, dtypes);
   TORCH_CHECK_VALUE(mu.dim() >= 1, op,
                     ": mu must have a batch dimension (dim 0), got a 0-dim tensor");
   check_same_shape(op, "logvar", logvar.sizes(), "mu", mu.sizes());
@@ -187,7 +197,7 @@ void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                     "'none' (the floor applies to the batch-mean KL of each latent position)");
   if (eps.has_value()) {
     const at::Tensor& e = *eps;
-    check_same_dtype(op, "eps", e, "mu", mu);
+    check_dtype_by_rule(op, "eps", e, "mu", mu, dtypes);
     check_same_device(op, "eps", e, "mu", mu);
     const auto z_shape = sample_shape(mu, num_samples);
     TORCH_CHECK_VALUE(e.sizes() == at::IntArrayRef(z_shape), op,
@@ -252,10 +262,11 @@ void check_reparameterize_kl_backward(const std::optional<at::Tensor>& grad_z,
 
 // ---- gaussian_recon_loss --------------------------------------------------------------------
 
-void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction) {
+void check_gaussian_recon_loss(const at::Tensor& x_hat, const at::Tensor& x, int64_t reduction,
+                               DtypeRule dtypes) {
   constexpr const char* op = "gaussian_recon_loss";
   check_float_tensor(op, "x_hat", x_hat);
-  check_same_dtype(op, "x", x, "x_hat", x_hat);
+  check_dtype_by_rule(op, "x", x, "x_hat", x_hat, dtypes);
   TORCH_CHECK_VALUE(x_hat.dim() >= 1, op,
                     ": x_hat must have a batch dimension (dim 0), got a 0-dim tensor");
   check_same_shape(op, "x", x.sizes(), "x_hat", x_hat.sizes());

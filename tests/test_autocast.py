@@ -189,3 +189,24 @@ def test_vae_module_trains_under_autocast(device, low):
     # 11); the activations' roundings mostly cancel in the sums (seen: 2^-10 .. 2^-14 of the loss)
     rtol = 2.0 ** -8 if low == torch.bfloat16 else 2.0 ** -11
     torch.testing.assert_close(out.loss.detach(), want.detach(), rtol=rtol, atol=0)
+
+
+def test_under_autocast_argument_errors_come_before_any_cast(device):
+    """With inputs of two dtypes the autocast kernels cast one of them; a call that the op will
+    refuse anyway (shapes, a dtype the kernels do not compute) raises the op's own error, naming
+    the argument, and no cast runs first. (float8 reached torch's promotion, which raised its own
+    RuntimeError instead of the documented TypeError.)"""
+    x_hat, x = recon_inputs((2, 3), torch.float32, device, seed=9)
+    x_hat16, x8 = x_hat.bfloat16(), x.to(torch.float8_e4m3fn)  # (made before counting casts)
+    wrong_shape = torch.zeros(2, 4, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16), CountCasts() as counter:
+        with pytest.raises(ValueError, match=r"x and x_hat must have the same shape"):
+            fastelbo.gaussian_recon_loss(x_hat16, wrong_shape)
+        with pytest.raises(ValueError, match=r"logvar and mu must have the same shape"):
+            fastelbo.reparameterize_kl(x_hat16, wrong_shape)
+        with pytest.raises(TypeError, match=r"x must be a float32, float64, float16 or bfloat16 tensor"):
+            fastelbo.gaussian_recon_loss(x_hat, x8)
+        with pytest.raises(TypeError, match=r"logvar must be a float32, float64, float16 or bfloat16 tensor"):
+            fastelbo.reparameterize_kl(x_hat, x8)
+        fastelbo.gaussian_recon_loss(x_hat16, x)  # the control: a call that goes through is cast
+    assert counter.casts == 1
