@@ -21,6 +21,9 @@
 namespace fastelbo {
 namespace {
 
+constexpr const char* kEpsRequiresGradMessage =
+    "reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)";
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -143,6 +146,12 @@ ReparamKLResult reparameterize_kl_autograd(const at::Tensor& mu, const at::Tenso
                                            std::optional<at::Generator> generator,
                                            int64_t num_samples, int64_t reduction,
                                            double free_bits) {
+  // z = mu + std * eps depends on eps, but the backward gives eps no gradient (the kernels compute
+  // none): an eps computed by something differentiable would silently lose that part of its
+  // gradient. Refused instead, for every entry point that records a graph (fastelbo.ops.
+  // ReparameterizeKL, whose forward runs with grad mode off, checks before it applies).
+  TORCH_CHECK_VALUE(!(eps.has_value() && eps->requires_grad() && at::GradMode::is_enabled()),
+                    kEpsRequiresGradMessage);
   variable_list out = ReparameterizeKLFunction::apply(mu, logvar, eps, generator, num_samples,
                                                       reduction, free_bits);
   // rng_state and kl_position_mean detached: not differentiable (see the forward).

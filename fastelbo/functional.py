@@ -114,9 +114,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", free_bits=0.0, num_s
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"reparameterize_kl: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if eps is not None:
-        _check_tensor(eps, "eps", "reparameterize_kl")
-        if eps.requires_grad and torch.is_grad_enabled():
-            raise ValueError("reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)")
+        _check_tensor(eps, "eps", "reparameterize_kl")  # (an eps that requires grad: the op refuses it)
     z, kl, _rng_state, _kl_position_mean = _reparameterize_kl(mu, logvar, eps, generator, int(num_samples), code,
                                                              free_bits)
     return z, kl

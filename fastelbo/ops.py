@@ -239,6 +239,11 @@ class ReparameterizeKL(_ReparameterizeKLFunction):
 
     @classmethod
     def apply(cls, mu, logvar, eps, generator, num_samples, reduction, free_bits):
+        # The backward gives eps no gradient: refused, as the op itself refuses it (csrc/autograd.cpp,
+        # same message), since this forward runs the op with grad mode off.
+        if eps is not None and eps.requires_grad and torch.is_grad_enabled():
+            raise ValueError("reparameterize_kl: eps must not require grad (fastelbo does not differentiate "
+                             "with respect to eps)")
         mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
         z, kl, _rng_state, _kl_position_mean = _ReparameterizeKLFunction.apply(
             mu, logvar, eps, generator, num_samples, reduction, free_bits)

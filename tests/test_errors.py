@@ -273,3 +273,27 @@ def test_first_order_grads_with_create_graph_are_right(device):
     _, kl = fastelbo.reparameterize_kl(mu, logvar, eps=eps, reduction="sum")
     g2 = torch.autograd.grad(kl, (mu, logvar))
     assert all(torch.equal(a.detach(), b) for a, b in zip(g1, g2))
+
+
+EPS_ENTRY_POINTS = {
+    "functional": lambda mu, lv, eps: fastelbo.reparameterize_kl(mu, lv, eps=eps),
+    "op": lambda mu, lv, eps: torch.ops.fastelbo.reparameterize_kl(mu, lv, eps, None, 1, 3, 0.0)[:2],
+    "Function": lambda mu, lv, eps: fastelbo.ops.ReparameterizeKL.apply(mu, lv, eps, None, 1, 3, 0.0),
+}
+
+
+@pytest.mark.parametrize("entry", list(EPS_ENTRY_POINTS))
+def test_eps_that_requires_grad_is_refused_by_every_entry_point(device, entry):
+    """z = mu + std * eps depends on eps, but the backward gives eps no gradient: an eps that
+    requires grad (computed by something differentiable) would silently lose its share, so every
+    entry point that records a graph refuses it; with grad mode off there is no graph to spoil."""
+    call = EPS_ENTRY_POINTS[entry]
+    mu, logvar = latents(device)
+    eps = torch.randn(3, 4, device=device).requires_grad_()
+    with pytest.raises(ValueError, match="eps must not require grad"):
+        call(mu, logvar, eps)
+    with pytest.raises(ValueError, match="eps must not require grad"):
+        call(mu.detach(), logvar.detach(), eps)  # eps alone requiring grad
+    with torch.no_grad():
+        z, _ = call(mu, logvar, eps)
+    torch.testing.assert_close(z, mu.detach() + torch.exp(logvar.detach() / 2) * eps.detach())
