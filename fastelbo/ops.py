@@ -126,13 +126,20 @@ def _gaussian_recon_loss_finish_grad_fake(grad_unit, grad_loss, x_hat, x, reduct
 # exact, but a second differentiation would treat them as constants, a silently wrong answer.
 
 
+_COMPUTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _autocast_promoted(*tensors):
     """Under torch.autocast for the tensors' device: the floating ones cast to the widest floating
     dtype among them, as the compiled ops' autocast kernels do (csrc/autocast.cpp). The Functions
     do it before they apply, so that what they save for backward is what their forward used.
-    Otherwise (and for None) the tensors as they are."""
+    Otherwise (and for None) the tensors as they are; also when one of them has a floating dtype
+    the kernels do not compute (float8, which torch cannot promote): the op then raises its own
+    TypeError naming it, as under autocast of the compiled ops."""
     present = [t for t in tensors if t is not None and t.is_floating_point()]
     if not present or not torch.is_autocast_enabled(present[0].device.type):
+        return tensors
+    if any(t.dtype not in _COMPUTED_DTYPES for t in present):
         return tensors
     widest = present[0].dtype
     for t in present[1:]:

@@ -210,3 +210,10 @@ def test_under_autocast_argument_errors_come_before_any_cast(device):
             fastelbo.reparameterize_kl(x_hat, x8)
         fastelbo.gaussian_recon_loss(x_hat16, x)  # the control: a call that goes through is cast
     assert counter.casts == 1
+    # The autograd.Function entry points promote in Python before they apply: float8 is left to
+    # the op's TypeError there too.
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"x must be a float32, float64, float16 or bfloat16 tensor"):
+            ops.GaussianReconLoss.apply(x_hat, x8, ops.REDUCTIONS["sum"])
+        with pytest.raises(TypeError, match=r"logvar must be a float32, float64, float16 or bfloat16 tensor"):
+            ops.ReparameterizeKL.apply(x_hat, x8, None, None, 1, ops.REDUCTIONS["sum"], 0.0)

@@ -29,7 +29,7 @@ import torch
 import fastelbo
 from fastelbo import reference
 
-from conftest import CUDA_SKIP_REASON, assert_close_fp64, run_with_grads
+from conftest import CUDA_SKIP_REASON, HALF_DTYPES, assert_close_fp64, run_with_grads
 
 pytestmark = [
     pytest.mark.cuda,
@@ -74,13 +74,10 @@ def randn(shape, dtype=torch.float32, device="cuda", seed=0, scale=1.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 def _kl_position_mean(mu, logvar):
     """Each latent position's batch-mean KL, the op's kl_position_mean (free bits only), computed as
     fastelbo.reference computes the KL (in float32 for 16-bit inputs, like the op)."""
-    compute = torch.float32 if mu.dtype in HALF else mu.dtype
+    compute = torch.float32 if mu.dtype in HALF_DTYPES else mu.dtype
     m, lv = mu.to(compute), logvar.to(compute)
     return (0.5 * (m * m + torch.expm1(lv) - lv)).reshape(mu.shape[0], -1).mean(0)
 
@@ -144,7 +141,7 @@ def _drawn_eps(seed, shape, num_samples, dtype, rng_state):
     """The eps that a forward drew right after torch.manual_seed(seed): the same op on mu = logvar
     = 0 draws z = 0 + 1 * eps exactly (in float32 for 16-bit inputs, whose draws are float32
     values). rng_state: the forward's; the draw here must have used the same (seed, offset)."""
-    zeros = torch.zeros(shape, dtype=torch.float32 if dtype in HALF else dtype, device="cuda")
+    zeros = torch.zeros(shape, dtype=torch.float32 if dtype in HALF_DTYPES else dtype, device="cuda")
     torch.manual_seed(seed)
     eps, _, rng, _ = ops.reparameterize_kl(zeros, zeros, None, None, num_samples, RED["sum"], 0.0)
     assert torch.equal(rng, rng_state), "not the forward's (seed, offset)"
@@ -754,6 +751,7 @@ def _small_grid_outputs(mu, logvar, x_hat, x, code, num_samples):
     torch.manual_seed(SMALL_GRID_SEED)
     z, kl, rng, pm = ops.reparameterize_kl(mu, logvar, None, None, num_samples, code, 0.0)
     loss, grad_unit = ops.gaussian_recon_loss(x_hat, x, code, True)
+    assert grad_unit.shape == x_hat.shape, "the prepared gradient was asked for"  # (the checks skip an empty one)
     return dict(z=z, kl=kl, rng_state=rng, kl_position_mean=pm, loss=loss, grad_unit=grad_unit)
 
 
