@@ -33,6 +33,11 @@ def device(request):
     return request.param
 
 
+def default_rng_state(device):
+    """The state of torch's default generator of `device` (what the ops draw from by default)."""
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
 def requires_cuda(test):
     """A test that needs a CUDA device: skipped without one, and marked `cuda`, so that `-m cuda`
     (scripts/gpu_check.sh's core-cuda step) selects it on a GPU machine."""

@@ -8,11 +8,7 @@ import torch
 
 import fastelbo
 
-from conftest import requires_cuda
-
-
-def rng_state(device):
-    return torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+from conftest import default_rng_state, requires_cuda
 
 
 def latents(device, shape=(3, 4), dtype=torch.float32):
@@ -35,11 +31,11 @@ def assert_raises_first(device, call, exc_type, *fragments):
     """call(generator) raises exc_type whose message contains every fragment (case-insensitive),
     and neither the default generator nor the fresh generator handed to call moved."""
     torch.manual_seed(123)
-    before = rng_state(device)
+    before = default_rng_state(device)
     generator = torch.Generator(device=device).manual_seed(5)
     generator_before = generator.get_state()
     error = assert_raises_naming(lambda: call(generator), exc_type, *fragments)
-    assert torch.equal(rng_state(device), before), "the default generator moved before the error"
+    assert torch.equal(default_rng_state(device), before), "the default generator moved before the error"
     assert torch.equal(generator.get_state(), generator_before), "generator= moved before the error"
     return error
 

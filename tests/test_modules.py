@@ -11,6 +11,8 @@ from torch import nn
 import fastelbo
 from fastelbo import reference
 
+from conftest import default_rng_state
+
 
 def make_vae(*, in_dim=12, latent=3, beta=1.0, reduction="batchmean", free_bits=0.0, backend="fused", seed=0,
              device="cpu"):
@@ -19,11 +21,6 @@ def make_vae(*, in_dim=12, latent=3, beta=1.0, reduction="batchmean", free_bits=
     decoder = nn.Sequential(nn.Linear(latent, 16), nn.Tanh(), nn.Linear(16, in_dim))
     vae = fastelbo.VAE(encoder, decoder, beta=beta, reduction=reduction, free_bits=free_bits, backend=backend)
     return vae.to(device)
-
-
-def rng_state(device):
-    """The state of torch's default generator of `device` (the one the modules draw from)."""
-    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
 
 
 def param_grads(module):
@@ -144,9 +141,9 @@ def test_eval_mode_decodes_the_mean_and_draws_nothing(device):
     vae = make_vae(beta=1.5, device=device)
     x = torch.rand(4, 12, device=device)
     vae.eval()
-    state = rng_state(device)
+    state = default_rng_state(device)
     out = vae(x)
-    assert torch.equal(rng_state(device), state), "eval mode advanced the random stream"
+    assert torch.equal(default_rng_state(device), state), "eval mode advanced the random stream"
     torch.testing.assert_close(out.z, out.mu, rtol=0, atol=0)
     _, kl = fastelbo.reparameterize_kl(out.mu, out.logvar)
     torch.testing.assert_close(out.kl, kl)
@@ -197,9 +194,9 @@ def test_elbo_loss_sample_with_eps_draws_nothing(device):
     default generator where it was."""
     mu, logvar = torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)
     eps = torch.randn(5, 3, device=device)
-    state = rng_state(device)
+    state = default_rng_state(device)
     z, kl = fastelbo.ELBOLoss().sample(mu, logvar, eps=eps)
-    assert torch.equal(rng_state(device), state)
+    assert torch.equal(default_rng_state(device), state)
     torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kl, reference.reparameterize_kl(mu, logvar, eps=eps)[1])
 

@@ -16,6 +16,7 @@ from fastelbo import reference
 from conftest import (
     REDUCTIONS,
     assert_close_fp64,
+    default_rng_state,
     random_grad_outputs,
     recon_inputs,
     run_with_grads,
@@ -246,16 +247,16 @@ def test_manual_seed_reproduces_bit_for_bit(device, dtype, cpu_code_path):
 
 def test_calls_advance_the_default_generator(device):
     mu = torch.zeros(2, 5, device=device)
-    state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    state = default_rng_state(device)
     fastelbo.reparameterize_kl(mu, mu)
-    after = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    after = default_rng_state(device)
     assert not torch.equal(state, after)
 
 
 def test_generator_argument_is_used(device):
     mu, logvar = sample_inputs((5, 13), torch.float32, device, seed=4, with_eps=False)
     torch.manual_seed(0)
-    default_state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    default_state = default_rng_state(device)
 
     def with_generator(seed):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -272,7 +273,7 @@ def test_generator_argument_is_used(device):
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert (z_a != z_c).float().mean() > 0.9
     # the default generator was not touched
-    after = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    after = default_rng_state(device)
     assert torch.equal(default_state, after)
     # a call on the default generator draws something else
     z_default, _ = fastelbo.reparameterize_kl(mu, logvar)
