@@ -21,9 +21,6 @@
 namespace fastelbo {
 namespace {
 
-constexpr const char* kEpsRequiresGradMessage =
-    "reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)";
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 

@@ -169,10 +169,11 @@ FASTELBO_HD acc_t reparameterized_sample(acc_t mu, acc_t std, acc_t eps) {
 // Both candidates are computed and one is selected, with no branch: the CPU's per-element loops
 // vectorize that way (a branch here kept them scalar, 3x slower), and a GPU warp with logvars on
 // both sides of 1/2 runs both anyway.
+constexpr float kSeriesEdge = 0.5f;  // |logvar| below it: the series (here and in expm1_minus_logvar)
 FASTELBO_HD float expm1_logvar(float logvar, float std) {
   const float series = taylor_expm1_(logvar);
   const float from_std = std * std - 1.0f;
-  return ::fabsf(logvar) < 0.5f ? series : from_std;
+  return ::fabsf(logvar) < kSeriesEdge ? series : from_std;
 }
 FASTELBO_HD double expm1_logvar(double logvar, double /*std*/) { return ::expm1(logvar); }
 
@@ -185,7 +186,7 @@ FASTELBO_HD double expm1_logvar(double logvar, double /*std*/) { return ::expm1(
 FASTELBO_HD float expm1_minus_logvar(float logvar, float std) {
   const float series = logvar * logvar * taylor_expm1_tail_(logvar);
   const float from_std = std * std - 1.0f - logvar;
-  return ::fabsf(logvar) < 0.5f ? series : from_std;
+  return ::fabsf(logvar) < kSeriesEdge ? series : from_std;
 }
 FASTELBO_HD double expm1_minus_logvar(double logvar, double /*std*/) { return ::expm1(logvar) - logvar; }
 

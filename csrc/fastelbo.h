@@ -46,6 +46,12 @@ std::string shape_str(at::IntArrayRef shape);
 enum class DtypeRule { kSame, kEachSupported };
 
 // ---- reparameterize_kl ----------------------------------------------------------------------
+// An eps that requires grad while grad mode is on: the backward gives eps no gradient, so the op's
+// autograd kernel (csrc/autograd.cpp) refuses it with this ValueError, and fastelbo.ops'
+// Function, which runs the op with grad mode off, raises the same text (fastelbo._C).
+inline constexpr const char* kEpsRequiresGradMessage =
+    "reparameterize_kl: eps must not require grad (fastelbo does not differentiate with respect to eps)";
+
 void check_reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                              const std::optional<at::Tensor>& eps, int64_t num_samples,
                              int64_t reduction, double free_bits, DtypeRule dtypes = DtypeRule::kSame);

@@ -389,9 +389,18 @@ TORCH_LIBRARY(fastelbo, m) {
 // written. Declared here because c10 exports the flag but no header declares it.
 extern bool FLAGS_caffe2_cpu_allocator_do_junk_fill;
 
+#ifdef FASTELBO_WITH_CUDA
+// The launch-shape queries below take B samples of D positions and num_samples draws.
+static void check_shape_counts(const char* query, int64_t batch, int64_t per_sample, int64_t num_samples) {
+  TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1 && num_samples >= 1, query,
+                    " takes B >= 1, D >= 1 and num_samples >= 1");
+}
+#endif
+
 // Small helpers for tests and diagnostics; the ops themselves go through the dispatcher.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastelbo's compiled ops (registered under torch.ops.fastelbo) and diagnostics";
+  m.attr("_eps_requires_grad_message") = fastelbo::kEpsRequiresGradMessage;  // (fastelbo.ops raises it too)
   m.def(
       "philox4x32_10",
       [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
@@ -468,8 +477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_cuda_free_bits_grid",
       [](int64_t batch, int64_t per_sample, int64_t num_samples) {
-        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1 && num_samples >= 1,
-                          "_cuda_free_bits_grid takes B >= 1, D >= 1 and num_samples >= 1");
+        check_shape_counts("_cuda_free_bits_grid", batch, per_sample, num_samples);
         const fastelbo::cuda::FreeBitsGrid grid = fastelbo::cuda::free_bits_grid(batch, per_sample, num_samples);
         return std::map<std::string, int64_t>{{"col_windows", grid.col_windows},
                                               {"col_tiles", grid.col_tiles},
@@ -491,8 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_cuda_short_rows_lanes",
       [](int64_t batch, int64_t per_sample, int64_t num_samples) {
-        TORCH_CHECK_VALUE(batch >= 1 && per_sample >= 1 && num_samples >= 1,
-                          "_cuda_short_rows_lanes takes B >= 1, D >= 1 and num_samples >= 1");
+        check_shape_counts("_cuda_short_rows_lanes", batch, per_sample, num_samples);
         const fastelbo::cuda::ShortRowsLanes lanes = fastelbo::cuda::short_rows_lanes(batch, per_sample, num_samples);
         return std::map<std::string, int64_t>{{"window_lanes", lanes.window_lanes},
                                               {"draw_lanes", int64_t{1} << lanes.draw_shift}};

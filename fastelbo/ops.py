@@ -19,7 +19,7 @@ import math
 import torch
 from torch._prims_common import make_contiguous_strides_for
 
-from ._extension import _C  # noqa: F401  (registers torch.ops.fastelbo)
+from ._extension import _C  # (importing it registers torch.ops.fastelbo)
 
 _ops = torch.ops.fastelbo
 
@@ -247,10 +247,9 @@ class ReparameterizeKL(_ReparameterizeKLFunction):
     @classmethod
     def apply(cls, mu, logvar, eps, generator, num_samples, reduction, free_bits):
         # The backward gives eps no gradient: refused, as the op itself refuses it (csrc/autograd.cpp,
-        # same message), since this forward runs the op with grad mode off.
+        # the same message), since this forward runs the op with grad mode off.
         if eps is not None and eps.requires_grad and torch.is_grad_enabled():
-            raise ValueError("reparameterize_kl: eps must not require grad (fastelbo does not differentiate "
-                             "with respect to eps)")
+            raise ValueError(_C._eps_requires_grad_message)
         mu, logvar, eps = _autocast_promoted(mu, logvar, eps)
         z, kl, _rng_state, _kl_position_mean = _ReparameterizeKLFunction.apply(
             mu, logvar, eps, generator, num_samples, reduction, free_bits)
